@@ -1,0 +1,51 @@
+"""jitckpt: just-in-time checkpointing for data-parallel PyTorch training.
+
+When a rank crashes, hangs, raises or is preempted, the healthy replicas save
+the state of the last completed step on the spot and the job resumes losing
+at most one iteration. See README.md for the five-line change to a training
+script and ARCHITECTURE.md for how the pieces fit.
+
+The public names are imported lazily so that ``import jitckpt`` (and the
+``jitckpt`` command line) does not pay for ``import torch``, and so that the
+worker bootstrap can block SIGTERM before torch starts any thread.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JitCheckpoint",
+    "init_process_group",
+    "state_digest",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "RunDirError",
+    "__version__",
+]
+
+_LAZY = {
+    "JitCheckpoint": "jitckpt.checkpoint",
+    "init_process_group": "jitckpt.distributed",
+    "state_digest": "jitckpt.digest",
+    "CheckpointError": "jitckpt.errors",
+    "CheckpointMismatchError": "jitckpt.errors",
+    "RunDirError": "jitckpt.errors",
+}
+
+if TYPE_CHECKING:
+    from jitckpt.checkpoint import JitCheckpoint
+    from jitckpt.digest import state_digest
+    from jitckpt.distributed import init_process_group
+    from jitckpt.errors import CheckpointError, CheckpointMismatchError, RunDirError
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jitckpt' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

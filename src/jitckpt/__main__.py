@@ -1,0 +1,3 @@
+from jitckpt.cli import main
+
+raise SystemExit(main())

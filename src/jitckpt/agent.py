@@ -1,0 +1,73 @@
+"""The elastic agent behind ``jitckpt run``: torchrun's LocalElasticAgent with
+three changes for JIT checkpointing.
+
+* Workers that ignore SIGTERM are killed after ``term_grace_s`` instead of
+  torchrun's fixed 30 s in the restart path (PLATFORM.md: --shutdown-timeout
+  does not apply there). Healthy workers save within milliseconds of the
+  SIGTERM, so the long grace only delays the restart.
+* Every worker failure and restart is written to the run's event log.
+* A worker that reports a fatal error (a checkpoint that does not fit the
+  model, an unusable run directory) stops the restarts: no attempt can
+  succeed, and the user should see the error at once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+from jitckpt.events import EventLog
+
+
+class JitAgent(LocalElasticAgent):
+    def __init__(self, *args: Any, control_dir: Path, term_grace_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.control_dir = control_dir
+        self.term_grace_s = term_grace_s
+        self._events: EventLog | None = None
+        self.fatal_message: str | None = None
+
+    def events(self) -> EventLog | None:
+        """The run's event log, once a worker has said where the run dir is."""
+        if self._events is None:
+            run_dir_file = self.control_dir / "run_dir"
+            if run_dir_file.exists():
+                self._events = EventLog(run_dir_file.read_text().strip(), rank="agent")
+        return self._events
+
+    def _stop_workers(self, worker_group: WorkerGroup) -> None:
+        self._shutdown(timeout=self.term_grace_s)  # type: ignore[arg-type]
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+            events = self.events()
+            if events is not None:
+                for rank, failure in sorted(result.failures.items()):
+                    events.emit(
+                        "worker_failed",
+                        failed_rank=rank,
+                        exitcode=failure.exitcode,
+                        worker_pid=failure.pid,
+                        restarts_left=self._remaining_restarts,
+                    )
+            fatal = sorted(self.control_dir.glob("fatal-*"))
+            if fatal:
+                self.fatal_message = fatal[0].read_text()
+                self._remaining_restarts = 0
+        return result
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        started = time.time()
+        events = self.events()
+        if events is not None:
+            events.emit("restart_begin", restarts_left=self._remaining_restarts)
+        super()._restart_workers(worker_group)
+        if events is not None:
+            events.emit(
+                "restart", duration=time.time() - started, restarts_left=self._remaining_restarts
+            )

@@ -1,0 +1,469 @@
+"""JitCheckpoint: the object a training script creates (one line) to get
+just-in-time checkpointing.
+
+It restores the newest valid checkpoint on start, tracks the loop's step
+boundaries and optimizer steps, and when the rank fails (a collective errors
+because a peer died, its own exception, SIGTERM from the launcher or a
+scheduler) it saves the state of the last completed step and ends the
+process, so the launcher can restart the job from there. See
+ARCHITECTURE.md for how detection, saving and restoring fit together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from jitckpt import __version__, distributed, rng, signals, storage
+from jitckpt.comm import observed_allreduce_hook, per_tensor_allreduce_hook
+from jitckpt.data import DataPosition
+from jitckpt.errors import (
+    EXIT_FATAL,
+    EXIT_SAVED_AND_STOPPED,
+    CheckpointError,
+    CheckpointMismatchError,
+    InjectedFault,
+    JitckptError,
+    RunDirError,
+)
+from jitckpt.events import EventLog
+from jitckpt.inject import ENV_VAR as INJECT_ENV
+from jitckpt.inject import Injector, parse_specs
+from jitckpt.state import Stateful, TrainingState, check_signature, decode, model_signature
+from jitckpt.tracker import StepTracker
+
+# How long a saver waits for the loop to leave its dirty window (optimizer
+# step .. next step boundary) before giving up on this rank's copy. The
+# window is normally local compute of a few milliseconds; it only lasts
+# longer if the loop blocks in a collective placed after optimizer.step().
+# The wait is this floor or 3 median step times, whichever is longer.
+DIRTY_WAIT_FLOOR_S = 1.0
+DIRTY_WAIT_STEPS = 3.0
+# Exit status of a rank that saved (or tried to) after a failure it saw.
+EXIT_AFTER_FAILURE = 1
+# Substrings of errors raised by a collective whose peer died.
+_COLLECTIVE_ERROR_MARKERS = (
+    "gloo",
+    "Gloo",
+    "NCCL",
+    "Connection reset",
+    "Connection closed",
+    "Broken pipe",
+)
+
+
+def prepare_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """Create the run directory and prove it is writable, or raise RunDirError."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(
+            f"run directory {path} exists and is not a directory; pass a directory path"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise RunDirError(
+            f"run directory {path} is not writable ({exc.strerror or exc}); checkpoints could "
+            f"not be saved there. Pass a writable --run-dir."
+        ) from None
+    return path
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def classify_exception(exc: BaseException) -> str:
+    if isinstance(exc, InjectedFault):
+        return "exception"
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return "collective_error"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and any(
+        marker in text for marker in _COLLECTIVE_ERROR_MARKERS
+    ):
+        return "collective_error"
+    return "exception"
+
+
+class JitCheckpoint:
+    """Just-in-time checkpointing for one rank of a data-parallel job.
+
+    Args:
+        run_dir: directory for checkpoints and the event log; created if
+            missing. Every rank of the job must see the same directory.
+        model: the model, usually wrapped in DistributedDataParallel.
+        optimizer: its optimizer (step pre/post hooks are registered on it).
+        scheduler: optional LR scheduler, saved and restored with the state.
+        loader: optional StatefulDataLoader; its position and its sampler's
+            epoch are saved at every step boundary (see jitckpt.data).
+        scaler: optional torch.amp.GradScaler.
+        extras: more objects with state_dict()/load_state_dict(), by name.
+            Their state is read when the saver runs, so they should change
+            only after optimizer.step() (in the dirty window), like a
+            scheduler does.
+        deterministic: reseed python/numpy/torch at every step boundary from
+            (seed, step, rank) and all-reduce gradients tensor by tensor, so a
+            resumed run is bitwise equal to an uninterrupted one (slower).
+        seed: base seed of deterministic mode.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Stateful | None = None,
+        loader: Any = None,
+        scaler: Any = None,
+        extras: Mapping[str, Stateful] | None = None,
+        deterministic: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self._ready = False
+        self._fail_lock = threading.Lock()
+        self._previous_excepthook = sys.excepthook
+        sys.excepthook = self._excepthook
+        self.run_dir = prepare_run_dir(run_dir)
+        self.rank, self.world_size = _rank_and_world()
+        self.attempt = distributed.attempt()
+        self.deterministic = deterministic
+        self.seed = seed
+        self.events = EventLog(self.run_dir, rank=self.rank, attempt=self.attempt, pid=os.getpid())
+        self.tracker = StepTracker()
+        self._data = DataPosition(loader) if loader is not None else None
+        self.scheduler = scheduler
+        self.state = TrainingState(
+            model, optimizer, scheduler, scaler, self._data, dict(extras or {})
+        )
+        self.injector = Injector(
+            parse_specs(os.environ.get(INJECT_ENV)),
+            self.run_dir,
+            self.rank,
+            self.events,
+            self.tracker,
+        )
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self._install_hooks(model, optimizer, scaler)
+        signals.install()
+        signals.set_callback(self._on_signal)
+        self._announce()
+        self.start_step = self._restore()
+        self._resumed = self.start_step > 0
+        self._ready = True
+
+    # -- public API ------------------------------------------------------------
+    def steps(self, total: int) -> Iterator[int]:
+        """Iterate the step indices ``start_step .. total-1``, marking each step
+        boundary (the points where the state is complete)."""
+        step = self.start_step
+        while step < total:
+            self._boundary(step)
+            yield step
+            step += 1
+        self._boundary(total)
+        self._ready = False
+        signals.set_callback(None)
+        self.events.emit("finish", step=total)
+
+    def save(self, reason: str = "manual", *, wait_s: float | None = None) -> Path | None:
+        """Save the state of the last completed step now (JIT kind). Returns the
+        checkpoint directory, or None if no clean state could be had."""
+        started = time.monotonic()
+        position = self.tracker.freeze_clean(self._dirty_wait() if wait_s is None else wait_s)
+        try:
+            if position is None:
+                self.events.emit(
+                    "save_skipped",
+                    reason="state not clean: the loop stayed between optimizer.step() and the "
+                    "next step boundary (a collective placed after optimizer.step()?)",
+                )
+                return None
+            snapshot = self.tracker.boundary_snapshot or {}
+            if self.scheduler is not None and snapshot.get("scheduler_epoch") != getattr(
+                self.scheduler, "last_epoch", None
+            ):
+                self.events.emit(
+                    "save_skipped", reason="scheduler stepped without an optimizer step"
+                )
+                return None
+            payload = self.state.capture(position.completed, self.rank, snapshot)
+            manifest = {
+                "kind": "jit",
+                "step": position.completed,
+                "world_size": self.world_size,
+                "writer_rank": self.rank,
+                "attempt": self.attempt,
+                "reason": reason,
+                "layout": {"type": "ddp"},
+                "created": time.time(),
+                "torch_version": torch.__version__,
+                "jitckpt_version": __version__,
+                "model_signature": model_signature(self.state.model),
+            }
+            path = storage.write_checkpoint(
+                self.run_dir,
+                manifest,
+                payload,
+                before_commit=lambda: self.injector.at("save", position.completed),
+            )
+            self.events.emit(
+                "save",
+                kind="jit",
+                step=position.completed,
+                path=str(path),
+                bytes=len(payload),
+                duration=time.monotonic() - started,
+            )
+            return path
+        finally:
+            if reason == "manual":
+                self.tracker.unfreeze()
+
+    # -- step boundaries and hooks ----------------------------------------------
+    def _boundary(self, step: int) -> None:
+        if self.deterministic:
+            rng.reseed(self.seed, step, self.rank)
+        snapshot = {
+            "data": self._data.state_dict() if self._data is not None else None,
+            "rng": None if self.deterministic else rng.capture(),
+            "scheduler_epoch": getattr(self.scheduler, "last_epoch", None),
+        }
+        self.tracker.boundary(step, snapshot)
+        if self._resumed and step == self.start_step + 1:
+            self.events.emit("first_step_done", step=step)
+        self.injector.at("data", step)
+
+    def _install_hooks(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
+    ) -> None:
+        optimizer.register_step_pre_hook(self.tracker.optimizer_pre_hook)
+        optimizer.register_step_post_hook(self.tracker.optimizer_post_hook)
+        if scaler is not None:
+            # GradScaler.update changes its state after the step; it must count
+            # as dirty like the optimizer step itself (an instance attribute,
+            # so it never leaks into scaler.state_dict()).
+            original_update = scaler.update
+
+            def tracked_update(*args: Any, **kwargs: Any) -> Any:
+                self.tracker.enter_dirty()
+                return original_update(*args, **kwargs)
+
+            scaler.update = tracked_update
+        if self.deterministic:
+            # Reseed again when the forward starts: a data loader draws from the
+            # global RNG when its iterator is created, which a resumed run does
+            # at a different step than an uninterrupted one. Reseeding here keeps
+            # the model's randomness (dropout) a function of (step, rank) alone.
+            model.register_forward_pre_hook(
+                lambda *_: rng.reseed(
+                    self.seed, self.tracker.position().in_progress, self.rank, stream=1
+                )
+            )
+        injector = self.injector
+        if injector.wants("optimizer"):
+            optimizer.register_step_pre_hook(lambda *_: injector.at("optimizer"))
+        if injector.wants("forward"):
+            model.register_forward_pre_hook(lambda *_: injector.at("forward"))
+        if injector.wants("backward"):
+
+            def watch_output(_module: Any, _args: Any, output: Any) -> None:
+                tensors = (
+                    [output]
+                    if isinstance(output, torch.Tensor)
+                    else list(output.values() if isinstance(output, dict) else output)
+                )
+                for tensor in tensors:
+                    if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                        tensor.register_hook(lambda grad: injector.at("backward"))
+                        break
+
+            model.register_forward_hook(watch_output)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            on_phase = injector.at if injector.wants("allreduce") else None
+            if self.deterministic:
+                model.register_comm_hook(None, per_tensor_allreduce_hook(on_phase))
+            elif on_phase is not None:
+                model.register_comm_hook(None, observed_allreduce_hook(on_phase))
+        elif self.world_size > 1:
+            self.events.emit("warning", detail="model is not DistributedDataParallel")
+
+    def _announce(self) -> None:
+        if self._distributed and "MASTER_ADDR" in os.environ:
+            distributed.attempt_store().set(f"pid/{self.rank}", str(os.getpid()))
+        control = os.environ.get("JITCKPT_CONTROL_DIR")
+        if control and self.rank == 0:
+            Path(control, "run_dir").write_text(str(self.run_dir.resolve()))
+        self.events.emit(
+            "start",
+            world_size=self.world_size,
+            process_start=_process_start_time(),
+            signal_mechanism=signals.mechanism(),
+        )
+
+    # -- restore ------------------------------------------------------------------
+    def _restore(self) -> int:
+        started = time.monotonic()
+        path, data = self._choose_checkpoint()
+        if path is None:
+            self.events.emit("fresh_start")
+            return 0
+        manifest = storage.read_manifest(path)
+        check_signature(manifest["model_signature"], self.state.model, str(path))
+        self.injector.at("restore", int(manifest["step"]))
+        if data is None:
+            data = storage.read_verified(path, manifest)
+        payload = decode(data)
+        self.state.restore(payload, str(path))
+        saved_rng = payload.get("rng")
+        if not self.deterministic:
+            if saved_rng and saved_rng["rank"] == self.rank:
+                rng.restore(saved_rng["state"])
+            else:
+                # Another rank's generator state must not be copied here (two
+                # ranks would draw the same dropout masks): derive a fresh one.
+                rng.reseed(torch.initial_seed(), int(manifest["step"]), self.rank)
+        step = int(payload["step"])
+        self.events.emit(
+            "restore",
+            step=step,
+            kind=manifest["kind"],
+            path=str(path),
+            duration=time.monotonic() - started,
+        )
+        if self.rank == 0:
+            print(
+                f"jitckpt: resumed from step {step} ({manifest['kind']} checkpoint, {path})",
+                flush=True,
+            )
+        return step
+
+    def _choose_checkpoint(self) -> tuple[Path | None, bytes | None]:
+        """Rank 0 picks the newest valid checkpoint and tells the others
+        through the store, so every rank loads the same one."""
+        use_store = self._distributed and self.world_size > 1 and "MASTER_ADDR" in os.environ
+        key = "restore/choice"
+        if self.rank != 0 and use_store:
+            store = distributed.attempt_store()
+            store.wait([key], distributed.RESTORE_CHOICE_TIMEOUT)
+            choice = json.loads(store.get(key).decode())
+            if "error" in choice:
+                raise CheckpointError(f"rank 0 could not choose a checkpoint: {choice['error']}")
+            return (Path(choice["path"]) if choice["path"] else None), None
+        try:
+            path, data = self._newest_valid()
+        except JitckptError as exc:
+            if use_store:
+                distributed.attempt_store().set(key, json.dumps({"error": str(exc)}))
+            raise
+        if use_store:
+            distributed.attempt_store().set(key, json.dumps({"path": str(path) if path else None}))
+        storage.remove_stale_temporaries(self.run_dir)
+        return path, data
+
+    def _newest_valid(self) -> tuple[Path | None, bytes | None]:
+        for candidate, data, problem in storage.iter_valid(self.run_dir):
+            if problem is not None or candidate.manifest is None or data is None:
+                self.events.emit("checkpoint_refused", path=str(candidate.path), reason=problem)
+                print(
+                    f"jitckpt: refusing checkpoint {candidate.path}: {problem}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
+            manifest = candidate.manifest
+            check_signature(
+                manifest.get("model_signature", {}), self.state.model, str(candidate.path)
+            )
+            if int(manifest["world_size"]) != self.world_size:
+                raise CheckpointMismatchError(
+                    f"checkpoint {candidate.path} was written at world size {manifest['world_size']}, "
+                    f"this job has {self.world_size}; resuming at another world size is not "
+                    f"supported yet. Relaunch with {manifest['world_size']} ranks."
+                )
+            return candidate.path, data
+        return None, None
+
+    # -- failures -------------------------------------------------------------------
+    def _dirty_wait(self) -> float:
+        median = self.tracker.median_step_time() or 0.0
+        return max(DIRTY_WAIT_FLOOR_S, DIRTY_WAIT_STEPS * median)
+
+    def _on_signal(self, signum: int) -> None:
+        self._fail(
+            "sigterm", f"received signal {signum}", EXIT_SAVED_AND_STOPPED, on_main_thread=False
+        )
+
+    def _excepthook(
+        self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, (RunDirError, CheckpointError)):
+            self._report_fatal(exc)
+        if not self._ready:
+            self._previous_excepthook(exc_type, exc, tb)
+            return
+        traceback.print_exception(exc_type, exc, tb)
+        cause = classify_exception(exc)
+        self._fail(cause, f"{exc_type.__name__}: {exc}", EXIT_AFTER_FAILURE, on_main_thread=True)
+
+    def _report_fatal(self, exc: BaseException) -> None:
+        """Tell the launcher not to restart: no attempt can get past this."""
+        print(f"jitckpt: error: {exc}", file=sys.stderr, flush=True)
+        control = os.environ.get("JITCKPT_CONTROL_DIR")
+        if control:
+            Path(
+                control, f"fatal-{self.rank if hasattr(self, 'rank') else os.getpid()}"
+            ).write_text(str(exc))
+        sys.stderr.flush()
+        os._exit(EXIT_FATAL)
+
+    def _fail(self, cause: str, detail: str, exit_code: int, *, on_main_thread: bool) -> None:
+        # The first detector saves; any later one (the launcher's SIGTERM
+        # arriving while a collective error is being handled) waits for it.
+        with self._fail_lock:
+            position = self.tracker.position()
+            self.events.emit("detect", cause=cause, detail=detail[:500], **position.as_dict())
+            if self._ready:
+                # The training thread cannot leave its dirty window while it
+                # runs this very handler, so don't wait for it there.
+                self.save(reason=cause, wait_s=0.0 if on_main_thread else None)
+            else:
+                self.events.emit("save_skipped", reason="failure before training started")
+            self.events.emit("exit", code=exit_code)
+            self.events.close()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit_code)
+
+
+def _process_start_time() -> float | None:
+    """Wall-clock time this process was created (Linux), for restart timing."""
+    try:
+        with open("/proc/self/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,0 +1,37 @@
+"""A SHA-256 over all parameters and optimizer state in a fixed order, so
+two runs can be compared bitwise with one line of text."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from jitckpt.state import unwrap
+
+
+def _feed(hasher: Any, name: str, value: Any) -> None:
+    hasher.update(name.encode())
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        hasher.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+        hasher.update(
+            tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        )
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            _feed(hasher, f"{name}.{key}", value[key])
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _feed(hasher, f"{name}[{index}]", item)
+    else:
+        hasher.update(repr(value).encode())
+
+
+def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    hasher = hashlib.sha256()
+    for name, tensor in unwrap(model).state_dict().items():
+        _feed(hasher, f"model.{name}", tensor)
+    _feed(hasher, "optimizer", optimizer.state_dict())
+    return hasher.hexdigest()

@@ -1,0 +1,81 @@
+"""Process-group setup that survives restarts by torch.distributed.elastic.
+
+Under torchrun (and ``jitckpt run``) the agent's TCPStore outlives worker
+restarts. A plain ``init_process_group("gloo")`` on a restarted attempt finds
+the previous attempt's keys in it and fails with "Gloo connectFullMesh failed
+... Connection refused" (PLATFORM.md; pytorch issue 135712). Building the
+group over ``PrefixStore(f"jitckpt/attempt_{N}", store)`` gives every attempt
+a fresh key space. In torch 2.13 a store built from an ``init_method`` URL is
+client-only under torchrun, so the TCPStore client is built explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from jitckpt import signals
+
+# How long a worker waits to reach the agent's store. The store is already up
+# when the agent starts workers, so this only bounds a misconfiguration.
+STORE_CONNECT_TIMEOUT = timedelta(seconds=60)
+
+_base_store: dist.Store | None = None
+_attempt_store: dist.Store | None = None
+
+
+def attempt() -> int:
+    """Restart attempt of this worker (0 on the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def init_process_group(
+    backend: str = "gloo",
+    timeout: timedelta | None = None,
+    **kwargs: object,
+) -> None:
+    """Drop-in for ``torch.distributed.init_process_group`` in a jitckpt job.
+
+    Installs the SIGTERM thread first (before gloo starts its threads), then
+    initialises the default group from the launcher's environment (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT) over a store prefix unique to this
+    restart attempt. ``timeout`` is the collective timeout of the group; a
+    failed peer is detected long before it in the restart path.
+    """
+    signals.install()
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = attempt_store()
+    extra: dict[str, object] = dict(kwargs)
+    if timeout is not None:
+        extra["timeout"] = timeout
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **extra)  # type: ignore[arg-type]
+
+
+def base_store() -> dist.Store:
+    """A client of the launcher's TCPStore, shared by all attempts."""
+    global _base_store
+    if _base_store is None:
+        _base_store = dist.TCPStore(
+            host_name=os.environ["MASTER_ADDR"],
+            port=int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=STORE_CONNECT_TIMEOUT,
+            wait_for_workers=False,
+        )
+    return _base_store
+
+
+def attempt_store() -> dist.Store:
+    """Keys private to this restart attempt."""
+    global _attempt_store
+    if _attempt_store is None:
+        _attempt_store = dist.PrefixStore(f"jitckpt/attempt_{attempt()}", base_store())
+    return _attempt_store
+
+
+# How long ranks other than 0 wait for rank 0 to choose the checkpoint to
+# restore (it reads and verifies candidates newest first).
+RESTORE_CHOICE_TIMEOUT = timedelta(seconds=300)

@@ -1,0 +1,60 @@
+"""``jitckpt inspect DIR``: the checkpoints of a run and whether each is valid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from jitckpt import storage
+from jitckpt.errors import CheckpointError
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jitckpt inspect", description=__doc__)
+    parser.add_argument("run_dir", help="a run directory (or its checkpoints/ folder)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if run_dir.name == storage.CHECKPOINTS_DIR:
+        run_dir = run_dir.parent
+    if not run_dir.is_dir():
+        print(f"jitckpt inspect: {run_dir} is not a directory", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for candidate in storage.candidates(run_dir):
+        problem = candidate.problem
+        if problem is None and candidate.manifest is not None:
+            try:
+                storage.read_verified(candidate.path, candidate.manifest)
+            except CheckpointError as exc:
+                problem = str(exc)
+        m = candidate.manifest or {}
+        size = sum(f.get("size", 0) for f in m.get("files", {}).values()) if m else None
+        rows.append(
+            {
+                "path": str(candidate.path),
+                "kind": m.get("kind"),
+                "step": m.get("step"),
+                "world_size": m.get("world_size"),
+                "writer_rank": m.get("writer_rank"),
+                "bytes": size,
+                "valid": problem is None,
+                "problem": problem,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'kind':9} {'step':>7} {'world':>5} {'writer':>6} {'MB':>8}  status")
+        for r in rows:
+            mb = f"{r['bytes'] / 1e6:.2f}" if r["bytes"] is not None else "-"
+            status = "valid" if r["valid"] else f"INVALID: {r['problem']}"
+            print(
+                f"{r['kind'] or '?':9} {r['step'] if r['step'] is not None else '?':>7} {r['world_size'] or '?':>5} {r['writer_rank'] if r['writer_rank'] is not None else '?':>6} {mb:>8}  {status}  {Path(r['path']).name}"
+            )
+        if not rows:
+            print("(no checkpoints)")
+    return 0 if any(r["valid"] for r in rows) else 1

@@ -1,0 +1,196 @@
+"""``jitckpt run``: torchrun's launcher (torch.distributed.elastic) with
+just-in-time checkpointing.
+
+It accepts every torchrun option and adds ``--inject SPEC`` (fault
+injection), ``--term-grace`` (how long a worker may ignore SIGTERM before it
+is killed) and ``--spares``. Workers start through ``jitckpt.bootstrap`` so
+their SIGTERM thread exists before any other thread. At the end it prints a
+summary of every failure from the run's event log.
+
+Exit status: 0 when training finished; 75 when the job was preempted
+(SIGTERM) and the workers saved: run the same command again to resume; 78
+when a worker reported an error no restart can fix; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from jitckpt.errors import EXIT_FATAL, EXIT_SAVED_AND_STOPPED, FaultSpecError
+from jitckpt.inject import ENV_VAR as INJECT_ENV
+from jitckpt.inject import parse_spec
+
+# Restarts allowed by default: torchrun's default is 0, which turns the first
+# failure into the end of the job. Each failure costs one restart.
+DEFAULT_MAX_RESTARTS = 3
+# Seconds a worker may ignore SIGTERM before SIGKILL in the restart path.
+# Savers finish in milliseconds; only a wedged rank ever uses the grace.
+DEFAULT_TERM_GRACE_S = 5.0
+# Fault kinds that this version can inject under the launcher.
+SUPPORTED_INJECTIONS = ("kill", "raise", "term")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "jitckpt run"
+    parser.description = (
+        "Launch a training script like torchrun, with just-in-time checkpointing: on a "
+        "failure the survivors save the last completed step and the job resumes from it."
+    )
+    parser.set_defaults(max_restarts=DEFAULT_MAX_RESTARTS)
+    parser.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="inject a fault: KIND@step=N,rank=R[,phase=P] (repeatable); KIND in "
+        f"{', '.join(SUPPORTED_INJECTIONS)}; phase in data, forward, backward, allreduce, "
+        "optimizer, save, restore. Fires once per run directory.",
+    )
+    parser.add_argument(
+        "--term-grace",
+        type=float,
+        default=DEFAULT_TERM_GRACE_S,
+        metavar="SECONDS",
+        help=f"seconds a worker may ignore SIGTERM before it is killed when the job restarts (default {DEFAULT_TERM_GRACE_S})",
+    )
+    parser.add_argument(
+        "--spares",
+        type=int,
+        default=0,
+        metavar="K",
+        help="hot spare processes per node for in-process recovery (not available in this version: must be 0)",
+    )
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        specs = [parse_spec(text) for text in args.inject]
+    except FaultSpecError as exc:
+        parser.error(f"--inject: {exc}")
+    for spec in specs:
+        if spec.kind not in SUPPORTED_INJECTIONS:
+            parser.error(
+                f"--inject {spec}: kind {spec.kind!r} is not supported by this version (use {', '.join(SUPPORTED_INJECTIONS)})"
+            )
+    if args.spares:
+        parser.error(
+            "--spares: in-process recovery with hot spares is not available in this version; use --spares 0"
+        )
+    if args.term_grace <= 0:
+        parser.error("--term-grace must be positive")
+    if args.standalone:
+        args.rdzv_backend = "c10d"
+        args.rdzv_endpoint = "localhost:0"
+        args.rdzv_id = str(uuid.uuid4())
+
+    from torch.distributed.run import config_from_args
+
+    config, cmd, cmd_args = config_from_args(args)
+    if args.no_python or args.run_path:
+        entry_args = cmd_args
+    else:
+        # config_from_args gave [-u, (-m), script, args...]: run it through the bootstrap.
+        rest = cmd_args[1:]
+        if rest[:1] == ["-m"]:
+            rest = ["--module", *rest[1:]]
+        entry_args = ["-u", "-m", "jitckpt.bootstrap", *rest]
+
+    control_dir = Path(tempfile.mkdtemp(prefix="jitckpt-control-"))
+    os.environ["JITCKPT_CONTROL_DIR"] = str(control_dir)
+    os.environ["JITCKPT_AGENT_PID"] = str(os.getpid())
+    if specs:
+        os.environ[INJECT_ENV] = ";".join(str(spec) for spec in specs)
+    try:
+        return _launch(config, cmd, entry_args, control_dir, args.term_grace)
+    finally:
+        shutil.rmtree(control_dir, ignore_errors=True)
+
+
+def _launch(config, cmd, entry_args, control_dir: Path, term_grace_s: float) -> int:  # type: ignore[no-untyped-def]
+    from torch.distributed.elastic.agent.server.api import WorkerSpec
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+    from torch.distributed.launcher.api import _get_addr_and_port
+
+    from jitckpt.agent import JitAgent
+    from jitckpt.summary import print_summary
+
+    if not config.run_id:
+        config.run_id = str(uuid.uuid4().int)
+    rdzv_parameters = RendezvousParameters(
+        backend=config.rdzv_backend,
+        endpoint=config.rdzv_endpoint,
+        run_id=config.run_id,
+        min_nodes=config.min_nodes,
+        max_nodes=config.max_nodes,
+        local_addr=config.local_addr,
+        **config.rdzv_configs,
+    )
+    master_addr, master_port = _get_addr_and_port(rdzv_parameters)
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
+    spec = WorkerSpec(
+        role=config.role,
+        local_world_size=config.nproc_per_node,
+        entrypoint=cmd,
+        args=tuple(entry_args),
+        rdzv_handler=rdzv_registry.get_rendezvous_handler(rdzv_parameters),
+        max_restarts=config.max_restarts,
+        monitor_interval=config.monitor_interval,
+        master_addr=master_addr,
+        master_port=master_port,
+        local_addr=config.local_addr,
+    )
+    agent = JitAgent(
+        spec=spec,
+        logs_specs=config.logs_specs,
+        start_method=config.start_method,
+        log_line_prefix_template=config.log_line_prefix_template,
+        shutdown_timeout=config.shutdown_timeout,
+        control_dir=control_dir,
+        term_grace_s=term_grace_s,
+    )
+    status = 1
+    outcome = "failed"
+    shutdown_rdzv = True
+    try:
+        result = agent.run()
+        if result.is_failed():
+            outcome = "failed"
+            status = EXIT_FATAL if agent.fatal_message else 1
+        else:
+            outcome = "finished"
+            status = 0
+    except SignalException as exc:
+        # Preemption: the agent has forwarded the signal and the workers have
+        # saved. Keep the rendezvous open so the requeued job can join it.
+        shutdown_rdzv = False
+        outcome = f"stopped by signal {exc.sigval.name}"
+        status = EXIT_SAVED_AND_STOPPED
+    finally:
+        if shutdown_rdzv:
+            spec.rdzv_handler.shutdown()
+    events = agent.events()
+    if events is not None:
+        events.emit("job_end", outcome=outcome, status=status)
+        print_summary(Path(events.path).parent, outcome=outcome)
+    if agent.fatal_message:
+        print(f"jitckpt: not restarting: {agent.fatal_message}", file=sys.stderr)
+    if status == EXIT_SAVED_AND_STOPPED:
+        print(
+            "jitckpt: job stopped after saving; run the same command again to resume",
+            file=sys.stderr,
+        )
+    return status

@@ -1,0 +1,133 @@
+"""What a training state is, and how to capture and restore it.
+
+A state is the model (the module inside DDP, so checkpoints load into any
+wrapper), the optimizer, and optionally an LR scheduler, a GradScaler, the
+data position, RNG states and user extras: anything with
+``state_dict()``/``load_state_dict()``. The data position and RNG are taken
+at the step boundary (they move during the step); everything else is read
+when the saver runs, while the step tracker holds the loop still.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from jitckpt import rng
+from jitckpt.errors import CheckpointMismatchError
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DDP (or a similar ``.module`` wrapper)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def model_signature(model: torch.nn.Module) -> dict[str, list[Any]]:
+    """Name -> [shape, dtype] of every entry of the model's state dict."""
+    return {
+        name: [list(value.shape), str(value.dtype).removeprefix("torch.")]
+        for name, value in unwrap(model).state_dict().items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def check_signature(saved: Mapping[str, list[Any]], model: torch.nn.Module, where: str) -> None:
+    """Raise CheckpointMismatchError naming the first differences."""
+    current = model_signature(model)
+    problems = []
+    for name in sorted(set(saved) | set(current)):
+        if name not in current:
+            problems.append(f"'{name}' is in the checkpoint but not in the model")
+        elif name not in saved:
+            problems.append(f"'{name}' is in the model but not in the checkpoint")
+        elif list(saved[name]) != list(current[name]):
+            problems.append(
+                f"'{name}' has shape {tuple(saved[name][0])} {saved[name][1]} in the checkpoint "
+                f"but {tuple(current[name][0])} {current[name][1]} in the model"
+            )
+    if problems:
+        shown = "; ".join(problems[:3]) + (
+            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        raise CheckpointMismatchError(
+            f"checkpoint {where} does not fit this model: {shown}. Nothing was loaded or "
+            f"overwritten. Resume with the model definition that wrote it, or start a new "
+            f"run with a different --run-dir."
+        )
+
+
+@dataclass
+class TrainingState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Stateful | None = None
+    scaler: Stateful | None = None
+    data: Stateful | None = None
+    extras: dict[str, Stateful] = field(default_factory=dict)
+
+    def capture(self, step: int, rank: int, boundary: Mapping[str, Any]) -> bytes:
+        """Serialize the state of ``step`` (completed iterations) to bytes.
+        ``boundary`` holds what was snapshotted at that step's boundary."""
+        payload: dict[str, Any] = {
+            "step": step,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": boundary.get("data"),
+            "rng": (
+                {"rank": rank, "state": rng.to_checkpoint(boundary["rng"])}
+                if boundary.get("rng")
+                else None
+            ),
+            "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    def restore(self, payload: Mapping[str, Any], where: str) -> None:
+        """Load a decoded payload. Checks everything that can be checked
+        before the first component is touched."""
+        missing = [name for name in self.extras if name not in payload.get("extras", {})]
+        if missing:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} has no state for extras {missing}; it was written by a "
+                f"script that registered {sorted(payload.get('extras', {}))}."
+            )
+        for name, component in (
+            ("scheduler", self.scheduler),
+            ("scaler", self.scaler),
+            ("data", self.data),
+        ):
+            if component is not None and payload.get(name) is None:
+                raise CheckpointMismatchError(
+                    f"checkpoint {where} has no {name} state but this script registers one; "
+                    f"pass the same components to JitCheckpoint as the run that wrote it."
+                )
+        unwrap(self.model).load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(payload["scaler"])
+        if self.data is not None:
+            self.data.load_state_dict(payload["data"])
+        for name, obj in self.extras.items():
+            obj.load_state_dict(payload["extras"][name])
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """Decode a payload without running any pickled code (weights_only)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # type: ignore[no-any-return]

@@ -1,0 +1,193 @@
+"""Checkpoints on a filesystem: layout, atomic writes, verification.
+
+A checkpoint is a directory ``RUN_DIR/checkpoints/step-<N>-<kind>-a<attempt>-r<rank>``
+holding ``state.pt`` (the payload) and ``manifest.json`` (written last). It
+is written under a temporary name, every file and the directory fsynced,
+then renamed into place, and the parent directory fsynced: a checkpoint
+exists only once it is complete, and a writer killed mid-save leaves at most
+a ``.tmp-*`` directory that readers ignore and later saves clean up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jitckpt.errors import CheckpointError
+
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST = "manifest.json"
+PAYLOAD = "state.pt"
+FORMAT = "jitckpt/1"
+# Kinds, by preference when two checkpoints hold the same step.
+KINDS = ("jit", "periodic")
+_HASH_CHUNK = 1 << 22
+
+
+def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_checkpoint(
+    run_dir: str | os.PathLike[str],
+    manifest: dict[str, Any],
+    payload: bytes,
+    before_commit: Callable[[], None] | None = None,
+) -> Path:
+    """Write one checkpoint atomically and return its directory.
+    ``manifest`` must hold kind, step, attempt and writer_rank; the file table
+    and format are added here. ``before_commit`` runs after the payload is on
+    disk and before the manifest (the fault injector's ``save`` phase)."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = (
+        f"step-{manifest['step']:09d}-{manifest['kind']}"
+        f"-a{manifest['attempt']}-r{manifest['writer_rank']}"
+    )
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _write_file(tmp / PAYLOAD, payload)
+    if before_commit is not None:
+        before_commit()
+    full = dict(manifest)
+    full["format"] = FORMAT
+    full["files"] = {PAYLOAD: {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
+    _write_file(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
+    _fsync_path(tmp)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    return final
+
+
+@dataclass
+class Candidate:
+    """A checkpoint directory and what its manifest says (if readable)."""
+
+    path: Path
+    manifest: dict[str, Any] | None
+    problem: str | None  # why it cannot be used, if known without reading the payload
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"]) if self.manifest else -1
+
+    def sort_key(self) -> tuple[int, int, int, int]:
+        m = self.manifest or {}
+        kind = KINDS.index(m["kind"]) if m.get("kind") in KINDS else len(KINDS)
+        return (-self.step, kind, -int(m.get("attempt", 0)), int(m.get("writer_rank", 0)))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a checkpoint's manifest; raise CheckpointError."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{manifest_path}: manifest missing (incomplete checkpoint)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{manifest_path}: not a {FORMAT} manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})"
+        )
+    for key in ("kind", "step", "world_size", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{manifest_path}: manifest lacks '{key}'")
+    return manifest
+
+
+def candidates(run_dir: str | os.PathLike[str]) -> list[Candidate]:
+    """Every checkpoint directory of a run, newest step first. Temporary
+    directories of interrupted saves are not candidates."""
+    root = checkpoints_dir(run_dir)
+    found: list[Candidate] = []
+    if not root.is_dir():
+        return found
+    for path in root.iterdir():
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        try:
+            found.append(Candidate(path, read_manifest(path), None))
+        except CheckpointError as exc:
+            found.append(Candidate(path, None, str(exc)))
+    found.sort(key=Candidate.sort_key)
+    return found
+
+
+def read_verified(path: Path, manifest: dict[str, Any]) -> bytes:
+    """The payload's bytes, after checking size and SHA-256 against the manifest."""
+    entry = manifest["files"].get(PAYLOAD)
+    file_path = path / PAYLOAD
+    if entry is None:
+        raise CheckpointError(f"{path / MANIFEST}: lists no {PAYLOAD}")
+    try:
+        data = file_path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{file_path}: file missing") from None
+    if len(data) != entry["size"]:
+        raise CheckpointError(
+            f"{file_path}: truncated or padded: {len(data)} bytes, manifest says {entry['size']}"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise CheckpointError(
+            f"{file_path}: checksum mismatch (sha256 {digest[:12]}..., manifest says "
+            f"{entry['sha256'][:12]}...): the file is corrupt"
+        )
+    return data
+
+
+def verify(path: Path) -> dict[str, Any]:
+    manifest = read_manifest(path)
+    read_verified(path, manifest)
+    return manifest
+
+
+def iter_valid(
+    run_dir: str | os.PathLike[str],
+) -> Iterator[tuple[Candidate, bytes | None, str | None]]:
+    """Candidates newest first, each with its verified payload or the reason it
+    was refused."""
+    for candidate in candidates(run_dir):
+        if candidate.problem is not None or candidate.manifest is None:
+            yield candidate, None, candidate.problem
+            continue
+        try:
+            yield candidate, read_verified(candidate.path, candidate.manifest), None
+        except CheckpointError as exc:
+            yield candidate, None, str(exc)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike[str]) -> None:
+    """Remove ``.tmp-*`` leftovers of saves that were killed midway. Only
+    called at startup, when no save of this run can be in flight."""
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)

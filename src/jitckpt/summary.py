@@ -1,0 +1,137 @@
+"""Failure-by-failure summary of a run, computed from its event log.
+
+A failure belongs to the attempt in which it happened; its recovery is the
+restore of the next attempt. Durations:
+
+* detection: first detection by a survivor minus the failure (the injected
+  fault's time, else the first worker exit the agent saw, else detection);
+* save: last JIT save written minus first detection;
+* restart: first process start of the next attempt minus the last save;
+* restore: slowest rank's restore in the next attempt;
+* recovery: first completed step after the resume minus the failure.
+
+Iterations lost: the highest iteration any rank had begun, plus one, minus
+the step resumed from. A failure in iteration i that resumes at i loses one
+(the partial iteration i); so does one during i's optimizer step that
+resumes at i+1 while survivors had begun i+1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from jitckpt.events import read_events
+
+
+def _first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((e for e in events if e["event"] == name), None)
+
+
+def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_attempt: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for event in events:
+        if isinstance(event.get("attempt"), int):
+            by_attempt[event["attempt"]].append(event)
+    # Agent events carry no attempt: attach worker failures by time.
+    agent_failures = [e for e in events if e["event"] == "worker_failed"]
+    failures = []
+    for attempt in sorted(by_attempt):
+        evs = by_attempt[attempt]
+        detects = [e for e in evs if e["event"] == "detect"]
+        injected = [e for e in evs if e["event"] == "fault_injected"]
+        if not detects and not injected:
+            continue
+        attempt_start = min(e["t"] for e in evs)
+        attempt_end = max(e["t"] for e in evs)
+        exits = [
+            e
+            for e in agent_failures
+            if attempt_start <= e["t"]
+            and (
+                attempt + 1 not in by_attempt
+                or e["t"] <= min(x["t"] for x in by_attempt[attempt + 1])
+            )
+        ]
+        candidates = (
+            [e["t"] for e in injected] or [e["t"] for e in exits] or [e["t"] for e in detects]
+        )
+        failure_t = min(candidates)
+        saves = [e for e in evs if e["event"] == "save"]
+        nxt = by_attempt.get(attempt + 1, [])
+        restores = [e for e in nxt if e["event"] == "restore"]
+        starts = [e["process_start"] or e["t"] for e in nxt if e["event"] == "start"]
+        first_step = _first(nxt, "first_step_done")
+        begun = [int(e["completed"]) for e in detects] + [int(e["step"]) for e in injected]
+        resumed = restores[0]["step"] if restores else None
+        last_save_t = max((e["t"] for e in saves), default=attempt_end)
+        record: dict[str, Any] = {
+            "attempt": attempt,
+            "fault": injected[0]["spec"] if injected else None,
+            "failed_ranks": sorted(
+                {e["failed_rank"] for e in exits if e.get("exitcode") not in (None,)}
+            )
+            or sorted({e["rank"] for e in injected}),
+            "detections": [
+                {"rank": e["rank"], "cause": e["cause"], "after_s": e["t"] - failure_t}
+                for e in detects
+            ],
+            "detection_s": (min(e["t"] for e in detects) - failure_t) if detects else None,
+            "saved_steps": sorted({e["step"] for e in saves}),
+            "save_copies": len(saves),
+            "save_s": (max(e["t"] for e in saves) - min(e["t"] for e in detects))
+            if saves and detects
+            else None,
+            "restart_s": (min(starts) - last_save_t) if starts else None,
+            "restore_s": max(e["duration"] for e in restores) if restores else None,
+            "restored_kind": restores[0]["kind"] if restores else None,
+            "resumed_step": resumed,
+            "iterations_lost": (max(begun) + 1 - resumed)
+            if (begun and resumed is not None)
+            else None,
+            "recovery_s": (first_step["t"] - failure_t) if first_step else None,
+        }
+        failures.append(record)
+    return failures
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) -> str:
+    events = read_events(run_dir)
+    failures = summarize(events)
+    attempts = len({e["attempt"] for e in events if isinstance(e.get("attempt"), int)})
+    lines = [
+        f"jitckpt summary for {run_dir}: {outcome or 'run'}, {attempts} attempt(s), {len(failures)} failure(s)"
+    ]
+    for index, f in enumerate(failures, 1):
+        lines.append(
+            f"  failure {index} (attempt {f['attempt']}): {f['fault'] or 'detected failure'}"
+            + (f", failed rank(s) {f['failed_ranks']}" if f["failed_ranks"] else "")
+        )
+        causes = ", ".join(f"r{d['rank']}:{d['cause']}" for d in f["detections"])
+        lines.append(f"    detection {_fmt(f['detection_s'])} ({causes})")
+        lines.append(
+            f"    save      {_fmt(f['save_s'])} (step {f['saved_steps'] or '-'}, {f['save_copies']} copies)"
+        )
+        lines.append(f"    restart   {_fmt(f['restart_s'])}")
+        lines.append(
+            f"    restore   {_fmt(f['restore_s'])} ({f['restored_kind'] or 'none'} checkpoint, resumed at step {f['resumed_step']})"
+        )
+        lines.append(
+            f"    iterations lost: {f['iterations_lost']}; failure to next completed step {_fmt(f['recovery_s'])}"
+        )
+    return "\n".join(lines)
+
+
+def print_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) -> None:
+    print(format_summary(run_dir, outcome), flush=True)
+
+
+def summary_json(run_dir: str | os.PathLike[str]) -> str:
+    return json.dumps(summarize(read_events(Path(run_dir))), indent=1)
