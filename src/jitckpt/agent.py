@@ -13,6 +13,7 @@ three changes for JIT checkpointing.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,11 @@ class JitAgent(LocalElasticAgent):
         if self._events is None:
             run_dir_file = self.control_dir / "run_dir"
             if run_dir_file.exists():
-                self._events = EventLog(run_dir_file.read_text().strip(), rank="agent")
+                self._events = EventLog(
+                    run_dir_file.read_text().strip(),
+                    rank="agent",
+                    launch=os.environ.get("JITCKPT_LAUNCH_ID"),
+                )
         return self._events
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:

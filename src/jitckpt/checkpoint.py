@@ -149,7 +149,13 @@ class JitCheckpoint:
         self.attempt = distributed.attempt()
         self.deterministic = deterministic
         self.seed = seed
-        self.events = EventLog(self.run_dir, rank=self.rank, attempt=self.attempt, pid=os.getpid())
+        self.events = EventLog(
+            self.run_dir,
+            rank=self.rank,
+            attempt=self.attempt,
+            launch=distributed.launch_id(),
+            pid=os.getpid(),
+        )
         self.tracker = StepTracker()
         self._data = DataPosition(loader) if loader is not None else None
         self.scheduler = scheduler

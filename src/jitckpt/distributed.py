@@ -31,6 +31,11 @@ def attempt() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def launch_id() -> str | None:
+    """Identifies one submission of the job (attempts restart within it)."""
+    return os.environ.get("JITCKPT_LAUNCH_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def init_process_group(
     backend: str = "gloo",
     timeout: timedelta | None = None,

@@ -110,6 +110,7 @@ def run(argv: list[str]) -> int:
     control_dir = Path(tempfile.mkdtemp(prefix="jitckpt-control-"))
     os.environ["JITCKPT_CONTROL_DIR"] = str(control_dir)
     os.environ["JITCKPT_AGENT_PID"] = str(os.getpid())
+    os.environ["JITCKPT_LAUNCH_ID"] = uuid.uuid4().hex
     if specs:
         os.environ[INJECT_ENV] = ";".join(str(spec) for spec in specs)
     try:

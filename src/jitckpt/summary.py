@@ -31,37 +31,38 @@ def _first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((e for e in events if e["event"] == name), None)
 
 
-def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_attempt: dict[int, list[dict[str, Any]]] = defaultdict(list)
+def _attempts(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Worker events grouped by (launch, attempt), in order of appearance. A
+    re-submitted job (same command after a preemption) is a new launch whose
+    attempts count from 0 again."""
+    groups: dict[tuple[Any, int], list[dict[str, Any]]] = defaultdict(list)
     for event in events:
         if isinstance(event.get("attempt"), int):
-            by_attempt[event["attempt"]].append(event)
+            groups[(event.get("launch"), event["attempt"])].append(event)
+    return sorted(groups.values(), key=lambda evs: evs[0]["t"])
+
+
+def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    attempts = _attempts(events)
     # Agent events carry no attempt: attach worker failures by time.
     agent_failures = [e for e in events if e["event"] == "worker_failed"]
     failures = []
-    for attempt in sorted(by_attempt):
-        evs = by_attempt[attempt]
+    for index, evs in enumerate(attempts):
+        attempt = evs[0]["attempt"]
         detects = [e for e in evs if e["event"] == "detect"]
         injected = [e for e in evs if e["event"] == "fault_injected"]
         if not detects and not injected:
             continue
         attempt_start = min(e["t"] for e in evs)
         attempt_end = max(e["t"] for e in evs)
-        exits = [
-            e
-            for e in agent_failures
-            if attempt_start <= e["t"]
-            and (
-                attempt + 1 not in by_attempt
-                or e["t"] <= min(x["t"] for x in by_attempt[attempt + 1])
-            )
-        ]
+        nxt = attempts[index + 1] if index + 1 < len(attempts) else []
+        next_start = nxt[0]["t"] if nxt else float("inf")
+        exits = [e for e in agent_failures if attempt_start <= e["t"] <= next_start]
         candidates = (
             [e["t"] for e in injected] or [e["t"] for e in exits] or [e["t"] for e in detects]
         )
         failure_t = min(candidates)
         saves = [e for e in evs if e["event"] == "save"]
-        nxt = by_attempt.get(attempt + 1, [])
         restores = [e for e in nxt if e["event"] == "restore"]
         starts = [e["process_start"] or e["t"] for e in nxt if e["event"] == "start"]
         first_step = _first(nxt, "first_step_done")

@@ -1,0 +1,434 @@
+"""Step-time overhead of jitckpt on the example GPT, in one command.
+
+    python benchmarks/overhead.py             # 4 ranks, about 2-3 minutes on 2 cores
+    python benchmarks/overhead.py --quick     # a smoke run of about 30 s
+
+What it measures: the steady-state wall time of one training iteration of
+examples/train_gpt.py (GPT of 0.8M parameters, DDP over gloo, AdamW, LambdaLR,
+StatefulDataLoader) with jitckpt ("jitckpt": ``JitCheckpoint`` created with
+its defaults, so deterministic=False, and the loop ``for step in
+ckpt.steps(total)``) and without it ("bare": ``for step in range(total)``).
+
+How: one ``torchrun --standalone`` job of --nproc ranks runs this file again
+with --worker. Every worker builds two independent copies of the training
+setup (model, DDP, optimizer, scheduler, loader), one per mode: a DDP model
+takes one comm hook only and JitCheckpoint registers hooks on its optimizer,
+so the bare copy never carries any of them. Both modes then train in the same
+process group in alternating rounds (bare first in even rounds, jitckpt first
+in odd ones), so they share the machine's conditions. Each round runs
+--warmup untimed steps and then --steps timed ones per mode. Rank 0 times
+every iteration with time.perf_counter; the time of an iteration includes
+advancing the step iterator, where jitckpt does its step-boundary work.
+
+How to read it: the per-round table shows the median step time of each mode
+and their ratio; the round-to-round spread of that ratio is the noise of the
+measurement. The summary gives the median of the per-round ratios (the
+headline number, robust to a round disturbed by the machine) and the ratio of
+the medians over all timed steps. Goal: ratio <= 1.01 at 4 ranks, i.e.
+jitckpt costs at most 1% of a step. On a 2-core machine, 4 ranks take about
+30 ms per step; the noise of one round there is about 1%, so trust the median
+of many rounds, not any single round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "train_gpt.py"
+MODES = ("bare", "jitckpt")
+# The overhead the project aims for: jitckpt may cost at most 1% of a step.
+GOAL_RATIO = 1.01
+# Defaults sized for 4 ranks on 2 cores (about 30 ms per step, PLATFORM.md):
+# 2 modes x 10 rounds x (10 + 120) steps is about 80 s of training, plus
+# 10-15 s to launch and build the models.
+DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_ROUNDS = 120, 10, 10
+QUICK_STEPS, QUICK_WARMUP, QUICK_ROUNDS = 40, 5, 4
+# Wall-clock bound of the whole torchrun job; a hung job is killed after it.
+DEFAULT_TIMEOUT_S = 600.0
+# How long torchrun gets to stop its workers after SIGTERM before everything
+# left in its process group is killed (its own worker shutdown waits 30 s).
+STOP_GRACE_S = 10.0
+BATCH_SIZE = 16
+LR = 3e-3
+
+
+# -- worker (one rank of the torchrun job) ------------------------------------------
+@dataclass
+class Setup:
+    """One mode's copy of the example's training objects."""
+
+    mode: str
+    model: Any  # DistributedDataParallel
+    optimizer: Any
+    scheduler: Any
+    batches: Iterator[Any]
+    step_iter: Iterator[int]
+
+
+def load_example() -> ModuleType:
+    """Import examples/train_gpt.py (not a package) for its GPT and dataset."""
+    spec = importlib.util.spec_from_file_location("train_gpt_example", EXAMPLE)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {EXAMPLE}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lr_lambda(total: int, warmup: int = 20) -> Callable[[int], float]:
+    """The example's schedule: linear warmup, then cosine decay over ``total``."""
+
+    def factor(step: int) -> float:
+        return (
+            min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
+
+    return factor
+
+
+def build_setup(example: ModuleType, mode: str, total: int, run_dir: Path) -> Setup:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DistributedSampler
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    import jitckpt
+
+    torch.manual_seed(0)
+    dataset = example.BigramSequences(vocab=256, length=64, size=4096)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+    loader = StatefulDataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
+    model = DDP(example.GPT())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total))
+    batches = example.endless(loader)
+    step_iter: Iterator[int]
+    if mode == "jitckpt":
+        ckpt = jitckpt.JitCheckpoint(run_dir, model, optimizer, scheduler=scheduler, loader=loader)
+        step_iter = ckpt.steps(total)
+    else:
+        step_iter = iter(range(total))
+    return Setup(mode, model, optimizer, scheduler, batches, step_iter)
+
+
+def timed_steps(setup: Setup, count: int) -> list[float]:
+    """Run ``count`` iterations of the example's loop body; seconds per iteration."""
+    import torch.nn.functional as F
+
+    times: list[float] = []
+    last = time.perf_counter()
+    for _ in range(count):
+        next(setup.step_iter)
+        inputs, targets = next(setup.batches)
+        logits = setup.model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        setup.optimizer.step()
+        setup.scheduler.step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    return times
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker when torchrun's agent dies.
+
+    torchrun starts every worker in a session of its own, so killing the
+    agent's process group (what the benchmark does on timeout or Ctrl-C)
+    would leave the workers running."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() == 1:  # the agent died before prctl took effect
+        os._exit(1)
+
+
+def worker(args: argparse.Namespace) -> None:
+    die_with_parent()
+    # torchdata 0.11 warns once per loader about a deprecated torch call.
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    import torch
+    import torch.distributed as dist
+
+    import jitckpt
+
+    torch.set_num_threads(1)
+    jitckpt.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    example = load_example()
+    per_round = args.warmup + args.steps
+    total = args.rounds * per_round
+    run_root = Path(args.run_root)
+    setups = {mode: build_setup(example, mode, total, run_root / mode) for mode in MODES}
+
+    rounds: list[dict[str, Any]] = []
+    for index in range(args.rounds):
+        order = MODES if index % 2 == 0 else MODES[::-1]
+        record: dict[str, Any] = {"order": list(order)}
+        for mode in order:
+            gc.collect()
+            dist.barrier()
+            times = timed_steps(setups[mode], per_round)
+            record[mode] = times[args.warmup :]
+        rounds.append(record)
+        if rank == 0:
+            medians = {mode: statistics.median(record[mode]) for mode in MODES}
+            print(
+                f"round {index + 1}/{args.rounds}: bare {medians['bare'] * 1e3:.2f} ms, "
+                f"jitckpt {medians['jitckpt'] * 1e3:.2f} ms, "
+                f"ratio {medians['jitckpt'] / medians['bare']:.4f}",
+                flush=True,
+            )
+    # Let ckpt.steps() finish: its final boundary and "finish" event.
+    for leftover in setups["jitckpt"].step_iter:
+        raise RuntimeError(f"step iterator not exhausted (step {leftover})")
+
+    if rank == 0:
+        params = sum(p.numel() for p in setups["bare"].model.parameters())
+        result = {
+            "world_size": world,
+            "params": params,
+            "torch": torch.__version__,
+            "threads_per_rank": torch.get_num_threads(),
+            "rounds": rounds,
+        }
+        Path(args.result).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -- launcher and report -------------------------------------------------------------
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop torchrun and, through it, its workers (see die_with_parent)."""
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            if sig == signal.SIGTERM:
+                # torchrun is gone; anything still in its group goes too.
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def launch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    result = workdir / "result.json"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(args.nproc),
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--rounds",
+        str(args.rounds),
+        "--run-root",
+        str(workdir / "runs"),
+        "--result",
+        str(result),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        code = proc.wait(args.timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"overhead: the job ran past --timeout {args.timeout:.0f} s") from None
+    finally:
+        stop(proc)
+    if code != 0 or not result.exists():
+        raise SystemExit(f"overhead: the torchrun job failed (exit status {code})")
+    return json.loads(result.read_text())
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    rounds = raw["rounds"]
+    per_round = []
+    for index, record in enumerate(rounds):
+        medians = {mode: statistics.median(record[mode]) for mode in MODES}
+        per_round.append(
+            {
+                "round": index + 1,
+                "order": record["order"],
+                "bare_median_s": medians["bare"],
+                "jitckpt_median_s": medians["jitckpt"],
+                "ratio": medians["jitckpt"] / medians["bare"],
+            }
+        )
+    modes = {}
+    for mode in MODES:
+        times = [t for record in rounds for t in record[mode]]
+        deciles = statistics.quantiles(times, n=10)
+        modes[mode] = {
+            "steps": len(times),
+            "median_s": statistics.median(times),
+            "mean_s": statistics.fmean(times),
+            "p10_s": deciles[0],
+            "p90_s": deciles[-1],
+        }
+    ratios = [r["ratio"] for r in per_round]
+    median_of_ratios = statistics.median(ratios)
+    return {
+        "world_size": raw["world_size"],
+        "params": raw["params"],
+        "torch": raw["torch"],
+        "threads_per_rank": raw["threads_per_rank"],
+        "modes": modes,
+        "rounds": per_round,
+        "ratio_median_of_rounds": median_of_ratios,
+        "ratio_round_min": min(ratios),
+        "ratio_round_max": max(ratios),
+        "ratio_of_medians": modes["jitckpt"]["median_s"] / modes["bare"]["median_s"],
+        "ratio_of_means": modes["jitckpt"]["mean_s"] / modes["bare"]["mean_s"],
+        "goal_ratio": GOAL_RATIO,
+        "meets_goal": median_of_ratios <= GOAL_RATIO,
+    }
+
+
+def report(summary: dict[str, Any], config: dict[str, Any]) -> str:
+    ms = 1e3
+    lines = [
+        "",
+        f"jitckpt step-time overhead: example GPT ({summary['params'] / 1e6:.2f}M params), "
+        f"{summary['world_size']} ranks, gloo, {summary['threads_per_rank']} thread/rank, "
+        f"torch {summary['torch']}",
+        f"{config['rounds']} rounds x {config['steps']} timed steps per mode "
+        f"(+{config['warmup']} warmup steps per round, not timed)",
+        "",
+        f"{'round':>5}  {'order':<13}  {'bare ms':>8}  {'jitckpt ms':>10}  {'ratio':>7}",
+    ]
+    for r in summary["rounds"]:
+        order = "bare,jit" if r["order"][0] == "bare" else "jit,bare"
+        lines.append(
+            f"{r['round']:>5}  {order:<13}  {r['bare_median_s'] * ms:>8.2f}  "
+            f"{r['jitckpt_median_s'] * ms:>10.2f}  {r['ratio']:>7.4f}"
+        )
+    lines += [
+        "",
+        f"{'mode':<8}  {'steps':>6}  {'median ms':>9}  {'mean ms':>8}  {'p10 ms':>7}  {'p90 ms':>7}",
+    ]
+    for mode in MODES:
+        m = summary["modes"][mode]
+        lines.append(
+            f"{mode:<8}  {m['steps']:>6}  {m['median_s'] * ms:>9.2f}  {m['mean_s'] * ms:>8.2f}  "
+            f"{m['p10_s'] * ms:>7.2f}  {m['p90_s'] * ms:>7.2f}"
+        )
+    verdict = "meets the goal" if summary["meets_goal"] else "ABOVE the goal"
+    lines += [
+        "",
+        f"ratio jitckpt/bare, median of per-round ratios: {summary['ratio_median_of_rounds']:.4f} "
+        f"(rounds {summary['ratio_round_min']:.4f} .. {summary['ratio_round_max']:.4f})",
+        f"ratio of medians over all steps:                {summary['ratio_of_medians']:.4f}",
+        f"ratio of means over all steps:                  {summary['ratio_of_means']:.4f}",
+        f"goal: ratio <= {GOAL_RATIO} at 4 ranks -> {verdict}",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=4, help="ranks (default 4)")
+    parser.add_argument(
+        "--steps", type=int, help=f"timed steps per mode and round ({DEFAULT_STEPS})"
+    )
+    parser.add_argument("--warmup", type=int, help=f"untimed steps per round ({DEFAULT_WARMUP})")
+    parser.add_argument("--rounds", type=int, help=f"rounds ({DEFAULT_ROUNDS})")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_ROUNDS} rounds x {QUICK_STEPS} steps (+{QUICK_WARMUP} warmup)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="kill the job after this many s"
+    )
+    # Internal: how the torchrun job runs this file as a worker.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run-root", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    steps, warmup, rounds = (
+        (QUICK_STEPS, QUICK_WARMUP, QUICK_ROUNDS)
+        if args.quick
+        else (DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_ROUNDS)
+    )
+    args.steps = steps if args.steps is None else args.steps
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.rounds = rounds if args.rounds is None else args.rounds
+    if args.steps < 2 or args.warmup < 0 or args.rounds < 1 or args.nproc < 1:
+        parser.error("need --steps >= 2, --warmup >= 0, --rounds >= 1, --nproc >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    # A SIGTERM to the benchmark (a test's timeout) must still run the cleanup.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    workdir = Path(tempfile.mkdtemp(prefix="jitckpt-overhead-"))
+    try:
+        raw = launch(args, workdir)
+    except KeyboardInterrupt:
+        print("overhead: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = summarize(raw)
+    config = {"nproc": args.nproc, "steps": args.steps, "warmup": args.warmup}
+    config["rounds"] = args.rounds
+    summary["config"] = config
+    summary["wall_s"] = time.monotonic() - started
+    summary["load_avg_before"], summary["load_avg_after"] = load_before, os.getloadavg()[0]
+    print(report(summary, config))
+    print(
+        f"wall time {summary['wall_s']:.1f} s; 1-min load average {load_before:.1f} before, "
+        f"{summary['load_avg_after']:.1f} after on {os.cpu_count()} CPUs (the job's own ranks "
+        f"add about {args.nproc}; more means other work shared the cores)",
+        flush=True,
+    )
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

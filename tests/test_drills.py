@@ -1,0 +1,150 @@
+"""Failure drills: real `jitckpt run` jobs at 4 ranks on gloo, a fault
+injected at a step and phase, compared with a failure-free run of the same
+command. Deterministic mode: the final digests must be identical."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from jitckpt.errors import EXIT_SAVED_AND_STOPPED
+from jitckpt.events import read_events
+from jitckpt.summary import summarize
+
+from jobs import EXAMPLE, jitckpt_run, show
+
+STEPS = 12
+FAIL_STEP = 6
+
+
+def train_args(
+    run_dir: Path, digest: Path, steps: int = STEPS, deterministic: bool = True
+) -> list[str]:
+    args = [
+        str(EXAMPLE),
+        "--steps",
+        str(steps),
+        "--run-dir",
+        str(run_dir),
+        "--digest",
+        str(digest),
+        "--log-every",
+        "1",
+    ]
+    return args + (["--deterministic"] if deterministic else [])
+
+
+@pytest.fixture(scope="module")
+def reference_digest(tmp_path_factory: pytest.TempPathFactory) -> str:
+    base = tmp_path_factory.mktemp("reference")
+    launch = jitckpt_run(*train_args(base / "run", base / "digest"))
+    assert launch.returncode == 0, show(launch)
+    assert launch.resumed_steps() == []
+    return (base / "digest").read_text().strip()
+
+
+def check_recovered(
+    run_dir: Path, digest: Path, reference: str, expected_resume: list[int], launch
+) -> None:  # type: ignore[no-untyped-def]
+    assert launch.returncode == 0, show(launch)
+    assert digest.read_text().strip() == reference, "final state differs from the failure-free run"
+    assert launch.resumed_steps() == expected_resume, show(launch)
+    failures = summarize(read_events(run_dir))
+    assert len(failures) == len(expected_resume), failures
+    for failure, step in zip(failures, expected_resume):
+        assert failure["resumed_step"] == step
+        assert failure["restored_kind"] == "jit"
+        assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure
+        assert failure["save_copies"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("phase", "expected_resume"),
+    [
+        ("forward", FAIL_STEP),
+        ("backward", FAIL_STEP),
+        ("allreduce", FAIL_STEP),
+        ("optimizer", FAIL_STEP + 1),
+    ],
+)
+def test_kill_in_phase_resumes_exactly(
+    tmp_path: Path, reference_digest: str, phase: str, expected_resume: int
+) -> None:
+    launch = jitckpt_run(
+        "--inject",
+        f"kill@step={FAIL_STEP},rank=2,phase={phase}",
+        *train_args(tmp_path / "run", tmp_path / "digest"),
+    )
+    check_recovered(
+        tmp_path / "run", tmp_path / "digest", reference_digest, [expected_resume], launch
+    )
+    # Killed by SIGKILL, rank 2 wrote nothing; the survivors' copies were used.
+    saves = [e for e in read_events(tmp_path / "run") if e["event"] == "save"]
+    assert {e["rank"] for e in saves} <= {0, 1, 3}
+
+
+def test_raise_in_forward_resumes_exactly(tmp_path: Path, reference_digest: str) -> None:
+    launch = jitckpt_run(
+        "--inject",
+        f"raise@step={FAIL_STEP},rank=1,phase=forward",
+        *train_args(tmp_path / "run", tmp_path / "digest"),
+    )
+    check_recovered(tmp_path / "run", tmp_path / "digest", reference_digest, [FAIL_STEP], launch)
+    assert "InjectedFault" in launch.output
+    # The raising rank's own state was clean (forward): it saved too.
+    saves = [e for e in read_events(tmp_path / "run") if e["event"] == "save"]
+    assert 1 in {e["rank"] for e in saves}
+
+
+def test_two_failures_in_one_run(tmp_path: Path, reference_digest: str) -> None:
+    launch = jitckpt_run(
+        "--inject", "kill@step=3,rank=1,phase=backward",
+        "--inject", "kill@step=8,rank=3,phase=forward",
+        *train_args(tmp_path / "run", tmp_path / "digest"),
+    )  # fmt: skip
+    check_recovered(tmp_path / "run", tmp_path / "digest", reference_digest, [3, 8], launch)
+
+
+def test_preemption_saves_stops_and_resumes_on_rerun(tmp_path: Path, reference_digest: str) -> None:
+    args = [
+        "--inject",
+        f"term@step={FAIL_STEP},rank=0,phase=forward",
+        *train_args(tmp_path / "run", tmp_path / "digest"),
+    ]
+    first = jitckpt_run(*args)
+    assert first.returncode == EXIT_SAVED_AND_STOPPED, show(first)
+    assert not (tmp_path / "digest").exists(), "a preempted job must not finish"
+    events = read_events(tmp_path / "run")
+    saves = [e for e in events if e["event"] == "save"]
+    assert {e["rank"] for e in saves} == {0, 1, 2, 3}, "every rank is healthy and saves"
+    saved_steps = {e["step"] for e in saves}
+    assert saved_steps <= {FAIL_STEP, FAIL_STEP + 1}, saved_steps
+    assert all(e["cause"] == "sigterm" for e in events if e["event"] == "detect")
+    # The scheduler requeues the same command; the injection does not fire again.
+    second = jitckpt_run(*args)
+    check_recovered(
+        tmp_path / "run", tmp_path / "digest", reference_digest, [max(saved_steps)], second
+    )
+
+
+def test_resume_without_deterministic_mode_continues_the_loss_curve(tmp_path: Path) -> None:
+    steps, fail = 40, 25
+    launch = jitckpt_run(
+        "--inject", f"kill@step={fail},rank=3,phase=backward",
+        *train_args(tmp_path / "run", tmp_path / "digest", steps=steps, deterministic=False),
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    assert launch.resumed_steps() == [fail]
+    losses = {
+        int(s): float(v)
+        for s, v in re.findall(r"^step\s+(\d+)\s+loss ([\d.]+)", launch.output, re.M)
+    }
+    initial = losses[0]
+    before = losses[fail - 1]
+    after = [losses[s] for s in range(fail, fail + 5)]
+    # No jump back to the untrained loss: the resumed steps continue from where
+    # training was, within a small band of the pre-failure loss.
+    assert before < initial - 1.0, losses
+    assert max(after) < before + 0.5, (before, after)
