@@ -8,12 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+from jobs import EXAMPLE, jitckpt_run, show
 
 from jitckpt.errors import EXIT_SAVED_AND_STOPPED
 from jitckpt.events import read_events
 from jitckpt.summary import summarize
-
-from jobs import EXAMPLE, jitckpt_run, show
 
 STEPS = 12
 FAIL_STEP = 6
@@ -53,7 +52,7 @@ def check_recovered(
     assert launch.resumed_steps() == expected_resume, show(launch)
     failures = summarize(read_events(run_dir))
     assert len(failures) == len(expected_resume), failures
-    for failure, step in zip(failures, expected_resume):
+    for failure, step in zip(failures, expected_resume, strict=True):
         assert failure["resumed_step"] == step
         assert failure["restored_kind"] == "jit"
         assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure

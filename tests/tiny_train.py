@@ -4,7 +4,6 @@
 import argparse
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 

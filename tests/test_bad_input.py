@@ -1,0 +1,126 @@
+"""Bad input gets a clear error that names the problem, and nothing is lost
+or overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from jobs import TINY, jitckpt_run, run_tagged, show
+
+from jitckpt.errors import EXIT_FATAL
+from jitckpt.storage import PAYLOAD, checkpoints_dir
+
+
+def tiny(run_dir: Path, *args: str):  # type: ignore[no-untyped-def]
+    return run_tagged([sys.executable, str(TINY), "--run-dir", str(run_dir), *args], timeout=120)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path: Path) -> Path:
+    """A run directory holding valid checkpoints of steps 2 and 4."""
+    run_dir = tmp_path / "run"
+    launch = tiny(run_dir, "--steps", "5", "--save-at", "2", "--save-at", "4")
+    assert launch.returncode == 0, show(launch)
+    assert len(list(checkpoints_dir(run_dir).iterdir())) == 2
+    return run_dir
+
+
+def newest_payload(run_dir: Path) -> Path:
+    return sorted(checkpoints_dir(run_dir).glob("step-*"))[-1] / PAYLOAD
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_checkpoint_is_refused_and_previous_used(
+    two_checkpoints: Path, damage: str
+) -> None:
+    payload = newest_payload(two_checkpoints)
+    data = bytearray(payload.read_bytes())
+    if damage == "truncate":
+        payload.write_bytes(bytes(data[: len(data) // 2]))
+        reason = "truncated"
+    else:
+        data[len(data) // 2] ^= 0x01
+        payload.write_bytes(bytes(data))
+        reason = "checksum mismatch"
+    launch = tiny(two_checkpoints, "--steps", "6")
+    assert launch.returncode == 0, show(launch)
+    assert f"refusing checkpoint {payload.parent}" in launch.output
+    assert str(payload) in launch.output and reason in launch.output, show(launch)
+    assert launch.resumed_steps() == [2], "fell back to the previous valid checkpoint"
+
+
+def test_shape_mismatch_is_a_clear_error_and_nothing_is_overwritten(two_checkpoints: Path) -> None:
+    before = tree_hashes(checkpoints_dir(two_checkpoints))
+    launch = tiny(two_checkpoints, "--steps", "6", "--width", "32")
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert "does not fit this model" in launch.output
+    assert "'0.weight' has shape (16, 8)" in launch.output and "(32, 8)" in launch.output, show(
+        launch
+    )
+    assert "start_step" not in launch.output, "training must not start"
+    assert tree_hashes(checkpoints_dir(two_checkpoints)) == before
+
+
+def test_shape_mismatch_under_launcher_stops_restarts(two_checkpoints: Path) -> None:
+    before = tree_hashes(checkpoints_dir(two_checkpoints))
+    # The single-rank checkpoints don't fit 2 ranks either; the shape is
+    # checked first, so the message is about the model.
+    launch = jitckpt_run(str(TINY), "--run-dir", str(two_checkpoints), "--width", "32", nproc=2)
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert "jitckpt: not restarting" in launch.output and "does not fit this model" in launch.output
+    assert tree_hashes(checkpoints_dir(two_checkpoints)) == before
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("explode@step=3,rank=0", "unknown kind 'explode'"),
+        ("kill@step=x,rank=0", "step='x'"),
+        ("kill@step=3,rank=0,phase=lunch", "unknown phase 'lunch'"),
+        ("kill@step=3,rank=0,color=red", "unknown key 'color'"),
+        ("kill@step=3", "missing rank="),
+        ("kill:step=3", "expected KIND@step=N,rank=R"),
+    ],
+)
+def test_bad_inject_spec_is_a_usage_error(tmp_path: Path, spec: str, named: str) -> None:
+    launch = jitckpt_run(
+        "--inject", spec, str(TINY), "--run-dir", str(tmp_path / "run"), nproc=1, timeout=60
+    )
+    assert launch.returncode == 2, show(launch)
+    assert "usage: jitckpt run" in launch.output and named in launch.output, show(launch)
+    assert not (tmp_path / "run").exists(), "nothing may start"
+
+
+def test_run_dir_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("keep me")
+    launch = tiny(not_a_dir)
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert f"run directory {not_a_dir} exists and is not a directory" in launch.output
+    assert "start_step" not in launch.output
+    assert not_a_dir.read_text() == "keep me"
+
+
+def test_unwritable_run_dir_is_refused_before_training(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        target = Path("/sys")  # root ignores permission bits; sysfs refuses new files
+    else:
+        target = tmp_path / "ro"
+        target.mkdir()
+        target.chmod(0o500)
+    launch = tiny(target)
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert f"run directory {target} is not writable" in launch.output, show(launch)
+    assert "start_step" not in launch.output
