@@ -171,6 +171,7 @@ def test_summary_counts_lost_iterations_and_durations() -> None:
     assert failure["iterations_lost"] == 1
     assert failure["detection_s"] == pytest.approx(0.02)
     assert failure["save_s"] == pytest.approx(0.03)
-    assert failure["restart_s"] == pytest.approx(3.0)
+    assert failure["spawn_s"] == pytest.approx(3.0)
+    assert failure["restart_s"] == pytest.approx(15.8 - 10.05)
     assert failure["recovery_s"] == pytest.approx(6.5)
     assert failure["failed_ranks"] == [2]

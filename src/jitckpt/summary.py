@@ -6,7 +6,9 @@ restore of the next attempt. Durations:
 * detection: first detection by a survivor minus the failure (the injected
   fault's time, else the first worker exit the agent saw, else detection);
 * save: last JIT save written minus first detection;
-* restart: first process start of the next attempt minus the last save;
+* restart: from the last save until the slowest rank of the next attempt
+  begins its restore (process spawn, imports, group init, model build);
+  ``spawn_s`` is the part until the first new process exists;
 * restore: slowest rank's restore in the next attempt;
 * recovery: first completed step after the resume minus the failure.
 
@@ -65,6 +67,7 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         saves = [e for e in evs if e["event"] == "save"]
         restores = [e for e in nxt if e["event"] == "restore"]
         starts = [e["process_start"] or e["t"] for e in nxt if e["event"] == "start"]
+        restore_begins = [e["t"] - e["duration"] for e in restores]
         first_step = _first(nxt, "first_step_done")
         begun = [int(e["completed"]) for e in detects] + [int(e["step"]) for e in injected]
         resumed = restores[0]["step"] if restores else None
@@ -86,7 +89,8 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "save_s": (max(e["t"] for e in saves) - min(e["t"] for e in detects))
             if saves and detects
             else None,
-            "restart_s": (min(starts) - last_save_t) if starts else None,
+            "restart_s": (max(restore_begins) - last_save_t) if restore_begins else None,
+            "spawn_s": (min(starts) - last_save_t) if starts else None,
             "restore_s": max(e["duration"] for e in restores) if restores else None,
             "restored_kind": restores[0]["kind"] if restores else None,
             "resumed_step": resumed,
@@ -120,7 +124,7 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
         lines.append(
             f"    save      {_fmt(f['save_s'])} (step {f['saved_steps'] or '-'}, {f['save_copies']} copies)"
         )
-        lines.append(f"    restart   {_fmt(f['restart_s'])}")
+        lines.append(f"    restart   {_fmt(f['restart_s'])} (new processes after {_fmt(f['spawn_s'])})")
         lines.append(
             f"    restore   {_fmt(f['restore_s'])} ({f['restored_kind'] or 'none'} checkpoint, resumed at step {f['resumed_step']})"
         )
