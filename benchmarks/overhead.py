@@ -58,11 +58,12 @@ EXAMPLE = REPO / "examples" / "train_gpt.py"
 MODES = ("bare", "jitckpt")
 # The overhead the project aims for: jitckpt may cost at most 1% of a step.
 GOAL_RATIO = 1.01
-# Defaults sized for 4 ranks on 2 cores (about 30 ms per step, PLATFORM.md):
-# 2 modes x 10 rounds x (10 + 120) steps is about 80 s of training, plus
-# 10-15 s to launch and build the models.
-DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_ROUNDS = 120, 10, 10
-QUICK_STEPS, QUICK_WARMUP, QUICK_ROUNDS = 40, 5, 4
+# Defaults sized for 4 ranks on 2 cores, where a step of the example takes
+# about 0.27 s: 2 modes x 8 rounds x (4 + 30) steps is about 150 s of
+# training, plus about 10 s to launch and 1 s per round to build the setups.
+DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_ROUNDS = 30, 4, 8
+# --quick: 2 modes x 2 rounds x (2 + 8) steps, about 25 s in all.
+QUICK_STEPS, QUICK_WARMUP, QUICK_ROUNDS = 8, 2, 2
 # Wall-clock bound of the whole torchrun job; a hung job is killed after it.
 DEFAULT_TIMEOUT_S = 600.0
 # How long torchrun gets to stop its workers after SIGTERM before everything
@@ -75,9 +76,8 @@ LR = 3e-3
 # -- worker (one rank of the torchrun job) ------------------------------------------
 @dataclass
 class Setup:
-    """One mode's copy of the example's training objects."""
+    """One mode's copy of the example's training objects for one round."""
 
-    mode: str
     model: Any  # DistributedDataParallel
     optimizer: Any
     scheduler: Any
@@ -107,6 +107,12 @@ def lr_lambda(total: int, warmup: int = 20) -> Callable[[int], float]:
 
 
 def build_setup(example: ModuleType, mode: str, total: int, run_dir: Path) -> Setup:
+    """The example's training objects, wrapped in JitCheckpoint in jitckpt mode.
+
+    Built afresh for every mode and round: JitCheckpoint registers hooks on
+    the optimizer and the model, a DDP model takes one comm hook only, and
+    the side threads a JitCheckpoint starts end when its steps() loop ends,
+    so a bare round never runs with any of jitckpt's hooks or threads."""
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DistributedSampler
@@ -128,17 +134,23 @@ def build_setup(example: ModuleType, mode: str, total: int, run_dir: Path) -> Se
         step_iter = ckpt.steps(total)
     else:
         step_iter = iter(range(total))
-    return Setup(mode, model, optimizer, scheduler, batches, step_iter)
+    return Setup(model, optimizer, scheduler, batches, step_iter)
 
 
-def timed_steps(setup: Setup, count: int) -> list[float]:
-    """Run ``count`` iterations of the example's loop body; seconds per iteration."""
+def run_loop(setup: Setup) -> tuple[list[float], list[float]]:
+    """Run the example's loop to the end. Returns the wall time and the CPU
+    time of this process (all its threads) of every iteration, in seconds.
+
+    An iteration spans from the previous iteration's end to its own, so it
+    includes advancing the step iterator (jitckpt's step boundary). The final
+    advance that ends the loop (jitckpt's last boundary, stopping its side
+    threads) is not a training step and is not timed."""
     import torch.nn.functional as F
 
-    times: list[float] = []
-    last = time.perf_counter()
-    for _ in range(count):
-        next(setup.step_iter)
+    wall: list[float] = []
+    cpu: list[float] = []
+    last_wall, last_cpu = time.perf_counter(), time.process_time()
+    for _ in setup.step_iter:
         inputs, targets = next(setup.batches)
         logits = setup.model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -146,10 +158,11 @@ def timed_steps(setup: Setup, count: int) -> list[float]:
         loss.backward()
         setup.optimizer.step()
         setup.scheduler.step()
-        now = time.perf_counter()
-        times.append(now - last)
-        last = now
-    return times
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        wall.append(now_wall - last_wall)
+        cpu.append(now_cpu - last_cpu)
+        last_wall, last_cpu = now_wall, now_cpu
+    return wall, cpu
 
 
 def die_with_parent() -> None:
@@ -180,20 +193,21 @@ def worker(args: argparse.Namespace) -> None:
     jitckpt.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     example = load_example()
-    per_round = args.warmup + args.steps
-    total = args.rounds * per_round
+    total = args.warmup + args.steps
     run_root = Path(args.run_root)
-    setups = {mode: build_setup(example, mode, total, run_root / mode) for mode in MODES}
+    params = sum(p.numel() for p in example.GPT().parameters())
 
     rounds: list[dict[str, Any]] = []
     for index in range(args.rounds):
         order = MODES if index % 2 == 0 else MODES[::-1]
         record: dict[str, Any] = {"order": list(order)}
         for mode in order:
+            setup = build_setup(example, mode, total, run_root / f"{mode}-{index}")
             gc.collect()
             dist.barrier()
-            times = timed_steps(setups[mode], per_round)
-            record[mode] = times[args.warmup :]
+            wall, cpu = run_loop(setup)
+            record[mode], record[f"{mode}_cpu"] = wall[args.warmup :], cpu[args.warmup :]
+            del setup
         rounds.append(record)
         if rank == 0:
             medians = {mode: statistics.median(record[mode]) for mode in MODES}
@@ -203,12 +217,8 @@ def worker(args: argparse.Namespace) -> None:
                 f"ratio {medians['jitckpt'] / medians['bare']:.4f}",
                 flush=True,
             )
-    # Let ckpt.steps() finish: its final boundary and "finish" event.
-    for leftover in setups["jitckpt"].step_iter:
-        raise RuntimeError(f"step iterator not exhausted (step {leftover})")
 
     if rank == 0:
-        params = sum(p.numel() for p in setups["bare"].model.parameters())
         result = {
             "world_size": world,
             "params": params,
@@ -277,6 +287,7 @@ def launch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per-round and overall statistics of the step times rank 0 recorded."""
     rounds = raw["rounds"]
     per_round = []
     for index, record in enumerate(rounds):
@@ -293,6 +304,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     modes = {}
     for mode in MODES:
         times = [t for record in rounds for t in record[mode]]
+        cpu = [t for record in rounds for t in record[f"{mode}_cpu"]]
         deciles = statistics.quantiles(times, n=10)
         modes[mode] = {
             "steps": len(times),
@@ -300,9 +312,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             "mean_s": statistics.fmean(times),
             "p10_s": deciles[0],
             "p90_s": deciles[-1],
+            "cpu_median_s": statistics.median(cpu),
         }
     ratios = [r["ratio"] for r in per_round]
     median_of_ratios = statistics.median(ratios)
+    bare, jit = modes["bare"], modes["jitckpt"]
     return {
         "world_size": raw["world_size"],
         "params": raw["params"],
@@ -313,51 +327,74 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "ratio_median_of_rounds": median_of_ratios,
         "ratio_round_min": min(ratios),
         "ratio_round_max": max(ratios),
-        "ratio_of_medians": modes["jitckpt"]["median_s"] / modes["bare"]["median_s"],
-        "ratio_of_means": modes["jitckpt"]["mean_s"] / modes["bare"]["mean_s"],
+        "ratio_of_medians": jit["median_s"] / bare["median_s"],
+        "ratio_of_means": jit["mean_s"] / bare["mean_s"],
+        "cpu_ratio_of_medians": jit["cpu_median_s"] / bare["cpu_median_s"],
+        "overhead_median_ms": (jit["median_s"] - bare["median_s"]) * 1e3,
+        "cpu_overhead_median_ms": (jit["cpu_median_s"] - bare["cpu_median_s"]) * 1e3,
         "goal_ratio": GOAL_RATIO,
         "meets_goal": median_of_ratios <= GOAL_RATIO,
     }
 
 
-def report(summary: dict[str, Any], config: dict[str, Any]) -> str:
+def report(summary: dict[str, Any]) -> str:
+    config = summary["config"]
     ms = 1e3
     lines = [
         "",
         f"jitckpt step-time overhead: example GPT ({summary['params'] / 1e6:.2f}M params), "
         f"{summary['world_size']} ranks, gloo, {summary['threads_per_rank']} thread/rank, "
-        f"torch {summary['torch']}",
+        f"torch {summary['torch']}, jitckpt at {summary['source']}",
         f"{config['rounds']} rounds x {config['steps']} timed steps per mode "
-        f"(+{config['warmup']} warmup steps per round, not timed)",
+        f"(+{config['warmup']} warmup steps per round, not timed); times of rank 0",
         "",
-        f"{'round':>5}  {'order':<13}  {'bare ms':>8}  {'jitckpt ms':>10}  {'ratio':>7}",
+        f"{'round':>5}  {'order':<8}  {'bare ms':>8}  {'jitckpt ms':>10}  {'ratio':>7}",
     ]
     for r in summary["rounds"]:
         order = "bare,jit" if r["order"][0] == "bare" else "jit,bare"
         lines.append(
-            f"{r['round']:>5}  {order:<13}  {r['bare_median_s'] * ms:>8.2f}  "
+            f"{r['round']:>5}  {order:<8}  {r['bare_median_s'] * ms:>8.2f}  "
             f"{r['jitckpt_median_s'] * ms:>10.2f}  {r['ratio']:>7.4f}"
         )
     lines += [
         "",
-        f"{'mode':<8}  {'steps':>6}  {'median ms':>9}  {'mean ms':>8}  {'p10 ms':>7}  {'p90 ms':>7}",
+        f"{'mode':<8}  {'steps':>5}  {'median ms':>9}  {'mean ms':>8}  {'p10 ms':>7}  "
+        f"{'p90 ms':>7}  {'CPU ms':>7}",
     ]
     for mode in MODES:
         m = summary["modes"][mode]
         lines.append(
-            f"{mode:<8}  {m['steps']:>6}  {m['median_s'] * ms:>9.2f}  {m['mean_s'] * ms:>8.2f}  "
-            f"{m['p10_s'] * ms:>7.2f}  {m['p90_s'] * ms:>7.2f}"
+            f"{mode:<8}  {m['steps']:>5}  {m['median_s'] * ms:>9.2f}  {m['mean_s'] * ms:>8.2f}  "
+            f"{m['p10_s'] * ms:>7.2f}  {m['p90_s'] * ms:>7.2f}  {m['cpu_median_s'] * ms:>7.2f}"
         )
     verdict = "meets the goal" if summary["meets_goal"] else "ABOVE the goal"
     lines += [
+        "(CPU ms: median CPU time of rank 0's process per step, all its threads)",
         "",
         f"ratio jitckpt/bare, median of per-round ratios: {summary['ratio_median_of_rounds']:.4f} "
         f"(rounds {summary['ratio_round_min']:.4f} .. {summary['ratio_round_max']:.4f})",
-        f"ratio of medians over all steps:                {summary['ratio_of_medians']:.4f}",
+        f"ratio of medians over all steps:                {summary['ratio_of_medians']:.4f} "
+        f"({summary['overhead_median_ms']:+.2f} ms per step)",
         f"ratio of means over all steps:                  {summary['ratio_of_means']:.4f}",
-        f"goal: ratio <= {GOAL_RATIO} at 4 ranks -> {verdict}",
+        f"CPU time ratio of medians:                      {summary['cpu_ratio_of_medians']:.4f} "
+        f"({summary['cpu_overhead_median_ms']:+.2f} ms per step)",
+        f"goal: median of per-round ratios <= {GOAL_RATIO} at 4 ranks -> {verdict}",
     ]
     return "\n".join(lines)
+
+
+def source_state() -> str:
+    """The commit the measured jitckpt comes from, marked if the tree is edited."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -413,12 +450,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = summarize(raw)
-    config = {"nproc": args.nproc, "steps": args.steps, "warmup": args.warmup}
-    config["rounds"] = args.rounds
-    summary["config"] = config
+    summary["config"] = {
+        "nproc": args.nproc,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+    }
+    summary["source"] = source_state()
     summary["wall_s"] = time.monotonic() - started
     summary["load_avg_before"], summary["load_avg_after"] = load_before, os.getloadavg()[0]
-    print(report(summary, config))
+    print(report(summary))
     print(
         f"wall time {summary['wall_s']:.1f} s; 1-min load average {load_before:.1f} before, "
         f"{summary['load_avg_after']:.1f} after on {os.cpu_count()} CPUs (the job's own ranks "

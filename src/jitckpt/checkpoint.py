@@ -11,6 +11,7 @@ ARCHITECTURE.md for how detection, saving and restoring fit together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt import __version__, distributed, rng, signals, storage
-from jitckpt.comm import observed_allreduce_hook, per_tensor_allreduce_hook
+from jitckpt.comm import CanonicalAllreduce, observed_allreduce_hook
 from jitckpt.data import DataPosition
 from jitckpt.errors import (
     EXIT_FATAL,
@@ -43,6 +44,7 @@ from jitckpt.inject import ENV_VAR as INJECT_ENV
 from jitckpt.inject import Injector, parse_specs
 from jitckpt.state import Stateful, TrainingState, check_signature, decode, model_signature
 from jitckpt.tracker import StepTracker
+from jitckpt.watchdog import Heartbeat, Watchdog, read_suspects
 
 # How long a saver waits for the loop to leave its dirty window (optimizer
 # step .. next step boundary) before giving up on this rank's copy. The
@@ -125,6 +127,10 @@ class JitCheckpoint:
             (seed, step, rank) and all-reduce gradients tensor by tensor, so a
             resumed run is bitwise equal to an uninterrupted one (slower).
         seed: base seed of deterministic mode.
+        hang_timeout_s: a rank whose loop makes no progress for this long
+            declares a hang. Default: max(1.5 s, 4 x the median step time),
+            armed once a step has completed (see jitckpt.watchdog). Wrap
+            long work outside the step (evaluation) in :meth:`paused`.
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class JitCheckpoint:
         extras: Mapping[str, Stateful] | None = None,
         deterministic: bool = False,
         seed: int = 0,
+        hang_timeout_s: float | None = None,
     ) -> None:
         self._ready = False
         self._fail_lock = threading.Lock()
@@ -176,19 +183,41 @@ class JitCheckpoint:
         self._announce()
         self.start_step = self._restore()
         self._resumed = self.start_step > 0
+        self.watchdog = Watchdog(self.tracker, self._on_hang, hang_timeout_s)
+        self.heartbeat = (
+            Heartbeat(distributed.side_store(), self.rank, self.tracker)
+            if self._uses_store()
+            else None
+        )
         self._ready = True
 
     # -- public API ------------------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Suspend hang detection for work that is not a training step
+        (evaluation, a long log upload) and may outlast the hang timeout."""
+        self.watchdog.pause()
+        try:
+            yield
+        finally:
+            self.watchdog.resume()
+
     def steps(self, total: int) -> Iterator[int]:
         """Iterate the step indices ``start_step .. total-1``, marking each step
         boundary (the points where the state is complete)."""
         step = self.start_step
+        self.watchdog.start()
+        if self.heartbeat is not None:
+            self.heartbeat.start()
         while step < total:
             self._boundary(step)
             yield step
             step += 1
         self._boundary(total)
         self._ready = False
+        self.watchdog.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         signals.set_callback(None)
         self.events.emit("finish", step=total)
 
@@ -263,6 +292,12 @@ class JitCheckpoint:
     def _install_hooks(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
     ) -> None:
+        injector = self.injector
+        tracker = self.tracker
+        if injector.wants("optimizer"):
+            # Before the tracker's hook: a fault "in the optimizer phase" strikes
+            # after the all-reduce and before any parameter changes.
+            optimizer.register_step_pre_hook(lambda *_: injector.at("optimizer"))
         optimizer.register_step_pre_hook(self.tracker.optimizer_pre_hook)
         optimizer.register_step_post_hook(self.tracker.optimizer_post_hook)
         if scaler is not None:
@@ -286,36 +321,50 @@ class JitCheckpoint:
                     self.seed, self.tracker.position().in_progress, self.rank, stream=1
                 )
             )
-        injector = self.injector
-        if injector.wants("optimizer"):
-            optimizer.register_step_pre_hook(lambda *_: injector.at("optimizer"))
-        if injector.wants("forward"):
-            model.register_forward_pre_hook(lambda *_: injector.at("forward"))
-        if injector.wants("backward"):
 
-            def watch_output(_module: Any, _args: Any, output: Any) -> None:
-                tensors = (
-                    [output]
-                    if isinstance(output, torch.Tensor)
-                    else list(output.values() if isinstance(output, dict) else output)
-                )
-                for tensor in tensors:
-                    if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                        tensor.register_hook(lambda grad: injector.at("backward"))
-                        break
+        def on_forward(*_: Any) -> None:
+            tracker.progress += 1
+            injector.at("forward")
 
-            model.register_forward_hook(watch_output)
+        def on_backward(*_: Any) -> None:
+            tracker.progress += 1
+            injector.at("backward")
+
+        def watch_output(_module: Any, _args: Any, output: Any) -> None:
+            # Backward has begun when the gradient of the output is computed.
+            if not torch.is_grad_enabled():
+                return
+            tensors = (
+                [output]
+                if isinstance(output, torch.Tensor)
+                else list(output.values() if isinstance(output, dict) else output)
+            )
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(on_backward)
+                    break
+
+        def on_bucket() -> None:
+            tracker.progress += 1
+            injector.at("allreduce")
+
+        model.register_forward_pre_hook(on_forward)
+        model.register_forward_hook(watch_output)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            on_phase = injector.at if injector.wants("allreduce") else None
             if self.deterministic:
-                model.register_comm_hook(None, per_tensor_allreduce_hook(on_phase))
-            elif on_phase is not None:
-                model.register_comm_hook(None, observed_allreduce_hook(on_phase))
+                model.register_comm_hook(
+                    None, CanonicalAllreduce(list(model.parameters()), on_bucket).hook
+                )
+            else:
+                model.register_comm_hook(None, observed_allreduce_hook(on_bucket))
         elif self.world_size > 1:
             self.events.emit("warning", detail="model is not DistributedDataParallel")
 
+    def _uses_store(self) -> bool:
+        return self._distributed and self.world_size > 1 and "MASTER_ADDR" in os.environ
+
     def _announce(self) -> None:
-        if self._distributed and "MASTER_ADDR" in os.environ:
+        if self._uses_store():
             distributed.attempt_store().set(f"pid/{self.rank}", str(os.getpid()))
         control = os.environ.get("JITCKPT_CONTROL_DIR")
         if control and self.rank == 0:
@@ -367,7 +416,7 @@ class JitCheckpoint:
     def _choose_checkpoint(self) -> tuple[Path | None, bytes | None]:
         """Rank 0 picks the newest valid checkpoint and tells the others
         through the store, so every rank loads the same one."""
-        use_store = self._distributed and self.world_size > 1 and "MASTER_ADDR" in os.environ
+        use_store = self._uses_store()
         key = "restore/choice"
         if self.rank != 0 and use_store:
             store = distributed.attempt_store()
@@ -415,6 +464,26 @@ class JitCheckpoint:
         median = self.tracker.median_step_time() or 0.0
         return max(DIRTY_WAIT_FLOOR_S, DIRTY_WAIT_STEPS * median)
 
+    def _on_hang(self, stalled_s: float, timeout_s: float) -> None:
+        suspects = (
+            read_suspects(distributed.side_store(), self.world_size, self.rank)
+            if self._uses_store()
+            else {}
+        )
+        described = (
+            ", ".join(f"rank {r} {kind}" for r, kind in sorted(suspects.items())) or "none named"
+        )
+        self._fail(
+            "hang",
+            f"no progress for {stalled_s:.2f} s (timeout {timeout_s:.2f} s); suspects: {described}",
+            EXIT_AFTER_FAILURE,
+            on_main_thread=False,
+            suspects={str(r): kind for r, kind in suspects.items()},
+            stalled_s=stalled_s,
+            timeout_s=timeout_s,
+            median_step_s=self.tracker.median_step_time(),
+        )
+
     def _on_signal(self, signum: int) -> None:
         self._fail(
             "sigterm", f"received signal {signum}", EXIT_SAVED_AND_STOPPED, on_main_thread=False
@@ -443,12 +512,16 @@ class JitCheckpoint:
         sys.stderr.flush()
         os._exit(EXIT_FATAL)
 
-    def _fail(self, cause: str, detail: str, exit_code: int, *, on_main_thread: bool) -> None:
+    def _fail(
+        self, cause: str, detail: str, exit_code: int, *, on_main_thread: bool, **extra: Any
+    ) -> None:
         # The first detector saves; any later one (the launcher's SIGTERM
         # arriving while a collective error is being handled) waits for it.
         with self._fail_lock:
             position = self.tracker.position()
-            self.events.emit("detect", cause=cause, detail=detail[:500], **position.as_dict())
+            self.events.emit(
+                "detect", cause=cause, detail=detail[:500], **position.as_dict(), **extra
+            )
             if self._ready:
                 # The training thread cannot leave its dirty window while it
                 # runs this very handler, so don't wait for it there.

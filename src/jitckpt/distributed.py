@@ -22,6 +22,10 @@ from jitckpt import signals
 # when the agent starts workers, so this only bounds a misconfiguration.
 STORE_CONNECT_TIMEOUT = timedelta(seconds=60)
 
+# Side threads give up on a store request after this long (the store's host
+# may be the node that died); their callers treat that as a missing beat.
+SIDE_STORE_TIMEOUT = timedelta(seconds=5)
+
 _base_store: dist.Store | None = None
 _attempt_store: dist.Store | None = None
 
@@ -71,6 +75,19 @@ def base_store() -> dist.Store:
             wait_for_workers=False,
         )
     return _base_store
+
+
+def side_store() -> dist.Store:
+    """A second connection to this attempt's keys, for side threads (the
+    heartbeat) so they never queue behind the training thread's requests."""
+    client = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=SIDE_STORE_TIMEOUT,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"jitckpt/attempt_{attempt()}", client)
 
 
 def attempt_store() -> dist.Store:

@@ -33,7 +33,7 @@ DEFAULT_MAX_RESTARTS = 3
 # Savers finish in milliseconds; only a wedged rank ever uses the grace.
 DEFAULT_TERM_GRACE_S = 5.0
 # Fault kinds that this version can inject under the launcher.
-SUPPORTED_INJECTIONS = ("kill", "raise", "term")
+SUPPORTED_INJECTIONS = ("kill", "hang", "raise", "term")
 
 
 def build_parser() -> argparse.ArgumentParser:

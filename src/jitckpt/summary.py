@@ -124,7 +124,9 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
         lines.append(
             f"    save      {_fmt(f['save_s'])} (step {f['saved_steps'] or '-'}, {f['save_copies']} copies)"
         )
-        lines.append(f"    restart   {_fmt(f['restart_s'])} (new processes after {_fmt(f['spawn_s'])})")
+        lines.append(
+            f"    restart   {_fmt(f['restart_s'])} (new processes after {_fmt(f['spawn_s'])})"
+        )
         lines.append(
             f"    restore   {_fmt(f['restore_s'])} ({f['restored_kind'] or 'none'} checkpoint, resumed at step {f['resumed_step']})"
         )

@@ -58,6 +58,11 @@ class StepTracker:
         self._optimizer_started = False
         self._optimizer_finished = False
         self._frozen = False
+        # Bumped at every point the loop passes (boundary, forward, backward,
+        # each gradient bucket, optimizer step): the hang watchdog's measure of
+        # progress. A plain int: one writer (the training thread), and readers
+        # only compare values.
+        self.progress = 0
         self._last_boundary: float | None = None
         self._step_times: deque[float] = deque(maxlen=STEP_TIME_WINDOW)
         # Opaque data captured at the boundary (loader position, RNG): the
@@ -65,9 +70,14 @@ class StepTracker:
         self.boundary_snapshot: Any = None
 
     # -- called by the training thread -------------------------------------------
+    def tick(self, *_: Any) -> None:
+        """The loop passed a progress point (usable directly as a hook)."""
+        self.progress += 1
+
     def boundary(self, completed: int, snapshot: Any = None) -> None:
         """Start of iteration ``completed``: the state is clean again."""
         now = time.monotonic()
+        self.progress += 1
         with self._cond:
             if self._last_boundary is not None:
                 self._step_times.append(now - self._last_boundary)
@@ -89,12 +99,14 @@ class StepTracker:
             self._dirty = True
 
     def optimizer_pre_hook(self, *_: Any) -> None:
+        self.progress += 1
         with self._cond:
             self._gate()
             self._dirty = True
             self._optimizer_started = True
 
     def optimizer_post_hook(self, *_: Any) -> None:
+        self.progress += 1
         self._optimizer_finished = True
 
     def _gate(self) -> None:
@@ -127,6 +139,9 @@ class StepTracker:
         with self._cond:
             self._frozen = False
             self._cond.notify_all()
+
+    def steps_timed(self) -> int:
+        return len(self._step_times)
 
     def median_step_time(self) -> float | None:
         times = list(self._step_times)

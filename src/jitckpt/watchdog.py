@@ -1,0 +1,149 @@
+"""Hang detection: heartbeats in the c10d store and a watchdog thread.
+
+A hung rank leaves every other rank blocked in its next collective until the
+process-group timeout (30 minutes by default in gloo), and torchrun never
+notices (PLATFORM.md). Every rank therefore watches its own progress counter
+(the step tracker's, bumped at boundaries, forward, backward, each gradient
+bucket and the optimizer step): when it has not moved for ``timeout`` the
+rank declares a hang, names suspects from the heartbeats, and the JIT save
+runs from this thread while the training thread stays blocked.
+
+Suspects come from the heartbeats every rank publishes to the store: a rank
+whose heartbeat is stale is *dead*; a rank whose heartbeat is live but whose
+progress is behind the most advanced rank is *hung* (its side threads run
+while its training thread is stuck). PLATFORM.md measured that heartbeats
+alone cannot name a hung rank and a per-bucket counter can.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jitckpt.tracker import StepTracker
+
+# Timeout = max(HANG_TIMEOUT_FLOOR_S, HANG_TIMEOUT_STEPS x median step time),
+# unless the user passes hang_timeout_s. The floor keeps scheduler noise on
+# a loaded host from looking like a hang when steps take milliseconds; the
+# multiple lets a straggler be several steps slow before it counts as hung.
+HANG_TIMEOUT_FLOOR_S = 1.5
+HANG_TIMEOUT_STEPS = 4.0
+# How often the watchdog looks at the progress counter.
+CHECK_INTERVAL_S = 0.1
+# How often each rank publishes its heartbeat, and when one counts as stale.
+HEARTBEAT_INTERVAL_S = 0.25
+STALE_AFTER_S = 1.0
+
+
+def hang_timeout(tracker: StepTracker, override: float | None) -> float | None:
+    """The stall that counts as a hang, or None while it cannot be judged
+    (no step has completed yet in this process: startup and restore are not
+    steps, and the first step may compile or warm up for long)."""
+    if override is not None:
+        return override
+    median = tracker.median_step_time()
+    if median is None:
+        return None
+    return max(HANG_TIMEOUT_FLOOR_S, HANG_TIMEOUT_STEPS * median)
+
+
+class Heartbeat:
+    """Publishes ``hb/<rank>`` = {t, progress, completed} every interval."""
+
+    def __init__(self, store: Any, rank: int, tracker: StepTracker) -> None:
+        self.store = store
+        self.rank = rank
+        self.tracker = tracker
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jitckpt-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            record = {
+                "t": time.time(),
+                "progress": self.tracker.progress,
+                "completed": self.tracker.position().completed,
+            }
+            try:
+                self.store.set(f"hb/{self.rank}", json.dumps(record))
+            except Exception:  # noqa: BLE001 - a lost store shows up as stale heartbeats elsewhere
+                pass
+            self._stop.wait(HEARTBEAT_INTERVAL_S)
+
+
+def read_suspects(store: Any, world_size: int, own_rank: int) -> dict[int, str]:
+    """Ranks that look dead (stale or missing heartbeat) or hung (live but
+    behind the most advanced rank's progress)."""
+    now = time.time()
+    beats: dict[int, dict[str, Any] | None] = {}
+    for rank in range(world_size):
+        try:
+            beats[rank] = (
+                json.loads(store.get(f"hb/{rank}").decode())
+                if store.check([f"hb/{rank}"])
+                else None
+            )
+        except Exception:  # noqa: BLE001
+            beats[rank] = None
+    live = {r: b for r, b in beats.items() if b is not None and now - b["t"] <= STALE_AFTER_S}
+    suspects = {r: "dead" for r in beats if r not in live}
+    if live:
+        # Compare by (completed steps, progress points within them).
+        front = max((b["completed"], b["progress"]) for b in live.values())
+        for rank, beat in live.items():
+            if (beat["completed"], beat["progress"]) < front:
+                suspects[rank] = "hung"
+    return suspects
+
+
+class Watchdog:
+    """Fires ``on_hang(stalled_s, timeout_s)`` once, from its own thread,
+    when this rank's progress has been stuck for longer than the timeout."""
+
+    def __init__(
+        self,
+        tracker: StepTracker,
+        on_hang: Callable[[float, float], None],
+        timeout_override: float | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.on_hang = on_hang
+        self.timeout_override = timeout_override
+        self._paused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jitckpt-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def pause(self) -> None:
+        self._paused += 1
+
+    def resume(self) -> None:
+        self._paused -= 1
+
+    def _run(self) -> None:
+        seen = self.tracker.progress
+        changed = time.monotonic()
+        while not self._stop.wait(CHECK_INTERVAL_S):
+            now = time.monotonic()
+            progress = self.tracker.progress
+            if progress != seen or self._paused:
+                seen, changed = progress, now
+                continue
+            timeout = hang_timeout(self.tracker, self.timeout_override)
+            if timeout is not None and now - changed > timeout:
+                self.on_hang(now - changed, timeout)
+                return
