@@ -1,13 +1,34 @@
-"""A tiny training script for tests of restore and bad input: one process
-(or several under a launcher), a small MLP, manual saves at chosen steps."""
+"""A tiny training script for tests of restore, bad input and elasticity:
+one process (or several under a launcher), a small MLP, manual saves at
+chosen steps, and optionally a log of the samples each rank trained on."""
 
 import argparse
+import json
+import os
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import jitckpt
+
+
+class Indexed(Dataset):
+    """Sample i is (i, features_i, target_i), a pure function of i."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int):
+        gen = torch.Generator().manual_seed(index)
+        return index, torch.randn(8, generator=gen), torch.randn(1, generator=gen)
+
+
+def endless(loader):
+    while True:
+        yield from loader
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(loader.sampler.epoch + 1)
 
 
 def main() -> None:
@@ -15,11 +36,17 @@ def main() -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--save-at", type=int, action="append", default=[])
     parser.add_argument("--digest")
+    parser.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="append each step's sample indices to RUN_DIR/samples.jsonl",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    distributed = "MASTER_ADDR" in __import__("os").environ
+    distributed = "MASTER_ADDR" in os.environ
     if distributed:
         jitckpt.init_process_group("gloo")
     torch.manual_seed(0)
@@ -28,22 +55,36 @@ def main() -> None:
     )
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
+        sampler = jitckpt.ElasticDistributedSampler(Indexed(), shuffle=True, seed=0)
+    else:
+        sampler = None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    data = TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
-    loader = StatefulDataLoader(data, batch_size=4)
+    loader = StatefulDataLoader(Indexed(), batch_size=args.batch_size, sampler=sampler)
     ckpt = jitckpt.JitCheckpoint(args.run_dir, model, optimizer, loader=loader, deterministic=True)
-    batches = iter(loader)
+    batches = endless(loader)
     print(f"start_step {ckpt.start_step}", flush=True)
+    rank = int(os.environ.get("RANK", "0"))
     for step in ckpt.steps(args.steps):
         if step in args.save_at:
             ckpt.save()
-        x, y = next(batches)
+        index, x, y = next(batches)
+        if args.log_samples:
+            record = {
+                "rank": rank,
+                "attempt": ckpt.attempt,
+                "step": step,
+                "world": ckpt.world_size,
+                "indices": index.tolist(),
+            }
+            with open(os.path.join(args.run_dir, "samples.jsonl"), "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         loss = torch.nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    if args.digest:
-        open(args.digest, "w").write(jitckpt.state_digest(model, optimizer))
+    if args.digest and rank == 0:
+        with open(args.digest, "w") as handle:
+            handle.write(jitckpt.state_digest(model, optimizer))
     print("done", flush=True)
 
 

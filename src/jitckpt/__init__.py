@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "JitCheckpoint",
+    "ElasticDistributedSampler",
     "init_process_group",
     "state_digest",
     "CheckpointError",
@@ -28,6 +29,7 @@ __all__ = [
 
 _LAZY = {
     "JitCheckpoint": "jitckpt.checkpoint",
+    "ElasticDistributedSampler": "jitckpt.data",
     "init_process_group": "jitckpt.distributed",
     "state_digest": "jitckpt.digest",
     "CheckpointError": "jitckpt.errors",
@@ -37,6 +39,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from jitckpt.checkpoint import JitCheckpoint
+    from jitckpt.data import ElasticDistributedSampler
     from jitckpt.digest import state_digest
     from jitckpt.distributed import init_process_group
     from jitckpt.errors import CheckpointError, CheckpointMismatchError, RunDirError

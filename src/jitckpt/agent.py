@@ -24,6 +24,14 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from jitckpt.events import EventLog
 
 
+def worker_group_run_id(agent: LocalElasticAgent) -> str | None:
+    """The rendezvous run id, which workers log as their launch id."""
+    try:
+        return agent.get_worker_group().spec.rdzv_handler.get_run_id()
+    except Exception:  # noqa: BLE001 - only used to label events
+        return None
+
+
 class JitAgent(LocalElasticAgent):
     def __init__(self, *args: Any, control_dir: Path, term_grace_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -40,9 +48,19 @@ class JitAgent(LocalElasticAgent):
                 self._events = EventLog(
                     run_dir_file.read_text().strip(),
                     rank="agent",
-                    launch=os.environ.get("JITCKPT_LAUNCH_ID"),
+                    launch=worker_group_run_id(self),
                 )
         return self._events
+
+    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
+        # Workers build their process group under a store prefix unique to
+        # this rendezvous round: membership changes restart workers without
+        # counting a restart, so TORCHELASTIC_RESTART_COUNT alone can repeat.
+        state = getattr(
+            getattr(worker_group.spec.rdzv_handler, "_state_holder", None), "state", None
+        )
+        os.environ["JITCKPT_RDZV_ROUND"] = str(getattr(state, "round", "na"))
+        return super()._start_workers(worker_group)
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         self._shutdown(timeout=self.term_grace_s)  # type: ignore[arg-type]

@@ -30,11 +30,11 @@ import torch.distributed as dist
 from jitckpt import __version__, distributed, rng, signals, storage
 from jitckpt.comm import CanonicalAllreduce, observed_allreduce_hook
 from jitckpt.data import DataPosition
+from jitckpt.digest import state_digest
 from jitckpt.errors import (
     EXIT_FATAL,
     EXIT_SAVED_AND_STOPPED,
     CheckpointError,
-    CheckpointMismatchError,
     InjectedFault,
     JitckptError,
     RunDirError,
@@ -269,6 +269,8 @@ class JitCheckpoint:
                 path=str(path),
                 bytes=len(payload),
                 duration=time.monotonic() - started,
+                # Audit trail: the restore logs the same digest of what it loaded.
+                digest=state_digest(self.state.model, self.state.optimizer),
             )
             return path
         finally:
@@ -367,8 +369,13 @@ class JitCheckpoint:
         if self._uses_store():
             distributed.attempt_store().set(f"pid/{self.rank}", str(os.getpid()))
         control = os.environ.get("JITCKPT_CONTROL_DIR")
-        if control and self.rank == 0:
-            Path(control, "run_dir").write_text(str(self.run_dir.resolve()))
+        if control:
+            # The launcher's private directory on this node: the node fault
+            # injector kills every worker listed here.
+            Path(control, "pids").mkdir(exist_ok=True)
+            Path(control, "pids", str(self.rank)).write_text(str(os.getpid()))
+            if self.rank == 0 or not Path(control, "run_dir").exists():
+                Path(control, "run_dir").write_text(str(self.run_dir.resolve()))
         self.events.emit(
             "start",
             world_size=self.world_size,
@@ -405,6 +412,8 @@ class JitCheckpoint:
             kind=manifest["kind"],
             path=str(path),
             duration=time.monotonic() - started,
+            saved_world_size=int(manifest["world_size"]),
+            digest=state_digest(self.state.model, self.state.optimizer),
         )
         if self.rank == 0:
             print(
@@ -450,12 +459,6 @@ class JitCheckpoint:
             check_signature(
                 manifest.get("model_signature", {}), self.state.model, str(candidate.path)
             )
-            if int(manifest["world_size"]) != self.world_size:
-                raise CheckpointMismatchError(
-                    f"checkpoint {candidate.path} was written at world size {manifest['world_size']}, "
-                    f"this job has {self.world_size}; resuming at another world size is not "
-                    f"supported yet. Relaunch with {manifest['world_size']} ranks."
-                )
             return candidate.path, data
         return None, None
 

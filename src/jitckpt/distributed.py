@@ -4,8 +4,8 @@ Under torchrun (and ``jitckpt run``) the agent's TCPStore outlives worker
 restarts. A plain ``init_process_group("gloo")`` on a restarted attempt finds
 the previous attempt's keys in it and fails with "Gloo connectFullMesh failed
 ... Connection refused" (PLATFORM.md; pytorch issue 135712). Building the
-group over ``PrefixStore(f"jitckpt/attempt_{N}", store)`` gives every attempt
-a fresh key space. In torch 2.13 a store built from an ``init_method`` URL is
+group over ``PrefixStore(f"jitckpt/round_{R}/attempt_{N}", store)`` gives every
+attempt a fresh key space. In torch 2.13 a store built from an ``init_method`` URL is
 client-only under torchrun, so the TCPStore client is built explicitly.
 """
 
@@ -36,8 +36,8 @@ def attempt() -> int:
 
 
 def launch_id() -> str | None:
-    """Identifies one submission of the job (attempts restart within it)."""
-    return os.environ.get("JITCKPT_LAUNCH_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    """The rendezvous run id: the same on every node of one job."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def init_process_group(
@@ -77,6 +77,13 @@ def base_store() -> dist.Store:
     return _base_store
 
 
+def _attempt_prefix() -> str:
+    # The rendezvous round (set by jitckpt's agent) separates membership
+    # changes, which do not bump the restart count.
+    round_ = os.environ.get("JITCKPT_RDZV_ROUND", "na")
+    return f"jitckpt/round_{round_}/attempt_{attempt()}"
+
+
 def side_store() -> dist.Store:
     """A second connection to this attempt's keys, for side threads (the
     heartbeat) so they never queue behind the training thread's requests."""
@@ -87,14 +94,14 @@ def side_store() -> dist.Store:
         timeout=SIDE_STORE_TIMEOUT,
         wait_for_workers=False,
     )
-    return dist.PrefixStore(f"jitckpt/attempt_{attempt()}", client)
+    return dist.PrefixStore(_attempt_prefix(), client)
 
 
 def attempt_store() -> dist.Store:
     """Keys private to this restart attempt."""
     global _attempt_store
     if _attempt_store is None:
-        _attempt_store = dist.PrefixStore(f"jitckpt/attempt_{attempt()}", base_store())
+        _attempt_store = dist.PrefixStore(_attempt_prefix(), base_store())
     return _attempt_store
 
 

@@ -132,10 +132,8 @@ class Injector:
             preempt_job()
         elif spec.kind == "hang":
             hang_forever()
-        else:
-            # node faults need the launcher's cooperation (the agent must die
-            # with its workers); the launcher refuses them until it has it.
-            raise FaultSpecError(f"fault kind {spec.kind!r} is not supported by this version")
+        elif spec.kind == "node":
+            kill_node()
 
 
 def preempt_job() -> None:
@@ -160,3 +158,22 @@ def hang_forever() -> None:
     signals.set_callback(lambda signum: None)
     while True:
         time.sleep(3600)
+
+
+def kill_node() -> None:
+    """SIGKILL this rank's agent and every worker it started, as if the
+    machine lost power. Workers list their pids in the launcher's control
+    directory (private to this node's launcher)."""
+    agent = os.environ.get("JITCKPT_AGENT_PID")
+    control = os.environ.get("JITCKPT_CONTROL_DIR")
+    if not agent or not control:
+        raise FaultSpecError("node faults need the jitckpt launcher (jitckpt run)")
+    os.kill(int(agent), signal.SIGKILL)
+    for pid_file in sorted(Path(control, "pids").glob("*")):
+        pid = int(pid_file.read_text())
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -33,7 +33,7 @@ DEFAULT_MAX_RESTARTS = 3
 # Savers finish in milliseconds; only a wedged rank ever uses the grace.
 DEFAULT_TERM_GRACE_S = 5.0
 # Fault kinds that this version can inject under the launcher.
-SUPPORTED_INJECTIONS = ("kill", "hang", "raise", "term")
+SUPPORTED_INJECTIONS = ("kill", "hang", "raise", "term", "node")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +110,6 @@ def run(argv: list[str]) -> int:
     control_dir = Path(tempfile.mkdtemp(prefix="jitckpt-control-"))
     os.environ["JITCKPT_CONTROL_DIR"] = str(control_dir)
     os.environ["JITCKPT_AGENT_PID"] = str(os.getpid())
-    os.environ["JITCKPT_LAUNCH_ID"] = uuid.uuid4().hex
     if specs:
         os.environ[INJECT_ENV] = ";".join(str(spec) for spec in specs)
     try:

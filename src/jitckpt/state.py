@@ -116,6 +116,8 @@ class TrainingState:
                     f"checkpoint {where} has no {name} state but this script registers one; "
                     f"pass the same components to JitCheckpoint as the run that wrote it."
                 )
+        if self.data is not None and hasattr(self.data, "check"):
+            self.data.check(payload["data"], where)
         unwrap(self.model).load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,25 @@ def _first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
 
 
 def _attempts(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Worker events grouped by (launch, attempt), in order of appearance. A
-    re-submitted job (same command after a preemption) is a new launch whose
-    attempts count from 0 again."""
-    groups: dict[tuple[Any, int], list[dict[str, Any]]] = defaultdict(list)
-    for event in events:
-        if isinstance(event.get("attempt"), int):
-            groups[(event.get("launch"), event["attempt"])].append(event)
-    return sorted(groups.values(), key=lambda evs: evs[0]["t"])
+    """Worker events grouped by attempt, in order of appearance. The key is
+    (launch, attempt), launch being the rendezvous run id shared by all
+    nodes; a job re-submitted under the same id counts attempts from 0 again,
+    so a rank starting twice under one key opens a new group."""
+    groups: list[list[dict[str, Any]]] = []
+    current: dict[tuple[Any, int], tuple[list[dict[str, Any]], set[Any]]] = {}
+    for event in sorted(events, key=lambda e: e.get("t", 0.0)):
+        if not isinstance(event.get("attempt"), int):
+            continue
+        key = (event.get("launch"), event["attempt"])
+        group = current.get(key)
+        if group is None or (event["event"] == "start" and event.get("rank") in group[1]):
+            group = ([], set())
+            current[key] = group
+            groups.append(group[0])
+        if event["event"] == "start":
+            group[1].add(event.get("rank"))
+        group[0].append(event)
+    return groups
 
 
 def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
