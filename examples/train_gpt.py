@@ -122,14 +122,7 @@ def main() -> None:
         ),
     )
     batches = endless(loader)
-    ckpt = jitckpt.JitCheckpoint(
-        args.run_dir,
-        model,
-        optimizer,
-        scheduler=scheduler,
-        loader=loader,
-        deterministic=args.deterministic,
-    )  # jitckpt
+    ckpt = jitckpt.JitCheckpoint(args.run_dir, model, optimizer, scheduler=scheduler, loader=loader, deterministic=args.deterministic)  # jitckpt
 
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())

@@ -4,11 +4,17 @@ command. Deterministic mode: the final digests must be identical."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
-from jobs import EXAMPLE, Launch, jitckpt_run, show
+from jobs import EXAMPLE, Launch, jitckpt_run, kill_tagged, show
 
 from jitckpt.errors import EXIT_SAVED_AND_STOPPED
 from jitckpt.events import read_events
@@ -257,3 +263,53 @@ def test_optimizer_phase_race_resolves_to_one_step(tmp_path: Path, reference_dig
     restores = [e for e in events if e["event"] == "restore"]
     assert len(restores) == 4 and len({e["path"] for e in restores}) == 1
     assert {e["step"] for e in restores} == {FAIL_STEP + 1}
+
+
+def test_rank_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    """A SIGSTOPped rank runs nothing (no watchdog, no signal thread): the
+    others detect the hang and save, and the launcher SIGKILLs the stopped
+    rank --term-grace seconds after its SIGTERM instead of torchrun's 30 s."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "log"
+    grace = 2.0
+    tag = uuid.uuid4().hex
+    cmd = [
+        sys.executable, "-m", "jitckpt", "run", "--standalone", "--nproc-per-node", "4", "--term-grace", str(grace),
+        *train_args(run_dir, tmp_path / "digest", steps=40),
+    ]  # fmt: skip
+    env = dict(os.environ, JITCKPT_TEST_TAG=tag, OMP_NUM_THREADS="1")
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not re.search(
+            r"^step\s+3 ", log.read_text(errors="replace"), re.M
+        ):
+            time.sleep(0.05)
+        # A few steps are done, so the watchdogs are armed.
+        (pid,) = [
+            e["pid"] for e in read_events(run_dir) if e["event"] == "start" and e["rank"] == 3
+        ]
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.time()
+        proc.wait(timeout=240)
+    finally:
+        kill_tagged(tag)
+    output = log.read_bytes()
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    events = read_events(run_dir)
+    hangs = [
+        e for e in events if e["event"] == "detect" and e["cause"] == "hang" and e["attempt"] == 0
+    ]
+    assert hangs and all(
+        e["suspects"].get("3") == "dead" or e["suspects"].get("3") == "hung" for e in hangs
+    ), hangs
+    killed = [e for e in events if e["event"] == "worker_failed" and e["failed_rank"] == 3]
+    assert killed and killed[0]["exitcode"] == -signal.SIGKILL, killed
+    restart = next(e for e in events if e["event"] == "restart")
+    # Detection (~1.5 s) + grace (2 s) + agent bookkeeping, far below 30 s.
+    assert restart["t"] - stopped_at < 1.5 + grace + 6.0, restart["t"] - stopped_at
+    assert [e["step"] for e in events if e["event"] == "restore"]

@@ -2,7 +2,7 @@
 three changes for JIT checkpointing.
 
 * Workers that ignore SIGTERM are killed after ``term_grace_s`` instead of
-  torchrun's fixed 30 s in the restart path (PLATFORM.md: --shutdown-timeout
+  torchrun's fixed 30 s when the job restarts (PLATFORM.md: --shutdown-timeout
   does not apply there). Healthy workers save within milliseconds of the
   SIGTERM, so the long grace only delays the restart.
 * Every worker failure and restart is written to the run's event log.
@@ -60,7 +60,21 @@ class JitAgent(LocalElasticAgent):
             getattr(worker_group.spec.rdzv_handler, "_state_holder", None), "state", None
         )
         os.environ["JITCKPT_RDZV_ROUND"] = str(getattr(state, "round", "na"))
-        return super()._start_workers(worker_group)
+        pids = super()._start_workers(worker_group)
+        # When one worker fails, the process context closes its siblings with
+        # close()'s default 30 s SIGKILL grace (PLATFORM.md: --shutdown-timeout
+        # does not apply there). Make our grace the default; explicit timeouts
+        # (the agent's own shutdown on a signal) are kept.
+        pcontext = self._pcontext
+        if pcontext is not None:
+            original_close = pcontext.close
+            grace = self.term_grace_s
+
+            def close(death_sig: Any = None, timeout: float = grace) -> None:
+                original_close(death_sig, timeout)  # type: ignore[arg-type]
+
+            pcontext.close = close  # type: ignore[method-assign]
+        return pids
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         self._shutdown(timeout=self.term_grace_s)  # type: ignore[arg-type]
