@@ -124,3 +124,38 @@ def test_unwritable_run_dir_is_refused_before_training(tmp_path: Path) -> None:
     assert launch.returncode == EXIT_FATAL, show(launch)
     assert f"run directory {target} is not writable" in launch.output, show(launch)
     assert "start_step" not in launch.output
+
+
+class _Payload:
+    """Pickles into a call of os.system: what a malicious checkpoint holds."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (self.command,))
+
+
+def test_checkpoint_that_would_run_code_is_refused(two_checkpoints: Path, tmp_path: Path) -> None:
+    import io
+    import json
+
+    import torch
+
+    marker = tmp_path / "pwned"
+    payload = newest_payload(two_checkpoints)
+    buffer = io.BytesIO()
+    torch.save({"step": 4, "model": _Payload(f"touch {marker}")}, buffer)
+    evil = buffer.getvalue()
+    payload.write_bytes(evil)
+    # A forger can also fix the manifest: the checksum does not save us, the loader must.
+    manifest_path = payload.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][PAYLOAD] = {"size": len(evil), "sha256": hashlib.sha256(evil).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
+    launch = tiny(two_checkpoints, "--steps", "6")
+    assert launch.returncode == 0, show(launch)
+    assert not marker.exists(), "code in a checkpoint ran"
+    assert f"refusing checkpoint {payload.parent}" in launch.output
+    assert "refused by the safe loader (weights_only)" in launch.output, show(launch)
+    assert launch.resumed_steps() == [2]

@@ -386,16 +386,15 @@ class JitCheckpoint:
     # -- restore ------------------------------------------------------------------
     def _restore(self) -> int:
         started = time.monotonic()
-        path, data = self._choose_checkpoint()
+        path, payload = self._choose_checkpoint()
         if path is None:
             self.events.emit("fresh_start")
             return 0
         manifest = storage.read_manifest(path)
         check_signature(manifest["model_signature"], self.state.model, str(path))
         self.injector.at("restore", int(manifest["step"]))
-        if data is None:
-            data = storage.read_verified(path, manifest)
-        payload = decode(data)
+        if payload is None:
+            payload = decode(storage.read_verified(path, manifest), str(path / storage.PAYLOAD))
         self.state.restore(payload, str(path))
         saved_rng = payload.get("rng")
         if not self.deterministic:
@@ -422,7 +421,7 @@ class JitCheckpoint:
             )
         return step
 
-    def _choose_checkpoint(self) -> tuple[Path | None, bytes | None]:
+    def _choose_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
         """Rank 0 picks the newest valid checkpoint and tells the others
         through the store, so every rank loads the same one."""
         use_store = self._uses_store()
@@ -435,7 +434,7 @@ class JitCheckpoint:
                 raise CheckpointError(f"rank 0 could not choose a checkpoint: {choice['error']}")
             return (Path(choice["path"]) if choice["path"] else None), None
         try:
-            path, data = self._newest_valid()
+            path, payload = self._newest_valid()
         except JitckptError as exc:
             if use_store:
                 distributed.attempt_store().set(key, json.dumps({"error": str(exc)}))
@@ -443,11 +442,18 @@ class JitCheckpoint:
         if use_store:
             distributed.attempt_store().set(key, json.dumps({"path": str(path) if path else None}))
         storage.remove_stale_temporaries(self.run_dir)
-        return path, data
+        return path, payload
 
-    def _newest_valid(self) -> tuple[Path | None, bytes | None]:
+    def _newest_valid(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The newest checkpoint that verifies and decodes safely, decoded."""
         for candidate, data, problem in storage.iter_valid(self.run_dir):
-            if problem is not None or candidate.manifest is None or data is None:
+            payload = None
+            if problem is None and data is not None:
+                try:
+                    payload = decode(data, str(candidate.path / storage.PAYLOAD))
+                except CheckpointError as exc:
+                    problem = str(exc)
+            if problem is not None or candidate.manifest is None or payload is None:
                 self.events.emit("checkpoint_refused", path=str(candidate.path), reason=problem)
                 print(
                     f"jitckpt: refusing checkpoint {candidate.path}: {problem}",
@@ -459,7 +465,7 @@ class JitCheckpoint:
             check_signature(
                 manifest.get("model_signature", {}), self.state.model, str(candidate.path)
             )
-            return candidate.path, data
+            return candidate.path, payload
         return None, None
 
     # -- failures -------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from jitckpt import rng
-from jitckpt.errors import CheckpointMismatchError
+from jitckpt.errors import CheckpointError, CheckpointMismatchError
 
 
 class Stateful(Protocol):
@@ -130,6 +130,14 @@ class TrainingState:
             obj.load_state_dict(payload["extras"][name])
 
 
-def decode(data: bytes) -> dict[str, Any]:
-    """Decode a payload without running any pickled code (weights_only)."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+def decode(data: bytes, where: str) -> dict[str, Any]:
+    """Decode a payload without running any pickled code: weights_only
+    loading refuses every object other than tensors and plain containers."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where}: refused by the safe loader (weights_only): {first_line}") from None
+    if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
+        raise CheckpointError(f"{where}: not a jitckpt training state")
+    return payload
