@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=None, help="periodic backstop checkpoint every N steps (jitckpt only)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -122,7 +123,7 @@ def main() -> None:
         ),
     )
     batches = endless(loader)
-    ckpt = jitckpt.JitCheckpoint(args.run_dir, model, optimizer, scheduler=scheduler, loader=loader, deterministic=args.deterministic)  # jitckpt
+    ckpt = jitckpt.JitCheckpoint(args.run_dir, model, optimizer, scheduler=scheduler, loader=loader, deterministic=args.deterministic, save_every=args.save_every)  # jitckpt
 
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())

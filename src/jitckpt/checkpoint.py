@@ -42,6 +42,7 @@ from jitckpt.errors import (
 from jitckpt.events import EventLog
 from jitckpt.inject import ENV_VAR as INJECT_ENV
 from jitckpt.inject import Injector, parse_specs
+from jitckpt.periodic import PeriodicSaver
 from jitckpt.state import Stateful, TrainingState, check_signature, decode, model_signature
 from jitckpt.tracker import StepTracker
 from jitckpt.watchdog import Heartbeat, Watchdog, read_suspects
@@ -131,6 +132,10 @@ class JitCheckpoint:
             declares a hang. Default: max(1.5 s, 4 x the median step time),
             armed once a step has completed (see jitckpt.watchdog). Wrap
             long work outside the step (evaluation) in :meth:`paused`.
+        save_every, save_every_s: the periodic backstop (off by default):
+            also checkpoint every N steps / T seconds, asynchronously, for
+            failures no replica survives (see jitckpt.periodic).
+        keep_periodic, keep_jit: how many steps of each kind to keep on disk.
     """
 
     def __init__(
@@ -146,6 +151,10 @@ class JitCheckpoint:
         deterministic: bool = False,
         seed: int = 0,
         hang_timeout_s: float | None = None,
+        save_every: int | None = None,
+        save_every_s: float | None = None,
+        keep_periodic: int = 2,
+        keep_jit: int = 2,
     ) -> None:
         self._ready = False
         self._fail_lock = threading.Lock()
@@ -183,6 +192,14 @@ class JitCheckpoint:
         self._announce()
         self.start_step = self._restore()
         self._resumed = self.start_step > 0
+        self.keep_jit = keep_jit
+        self.periodic = (
+            PeriodicSaver(
+                self.run_dir, save_every, save_every_s, self._manifest, self.events, keep_periodic
+            )
+            if (save_every or save_every_s) and self.rank == 0
+            else None
+        )
         self.watchdog = Watchdog(self.tracker, self._on_hang, hang_timeout_s)
         self.heartbeat = (
             Heartbeat(distributed.side_store(), self.rank, self.tracker)
@@ -214,6 +231,8 @@ class JitCheckpoint:
             yield step
             step += 1
         self._boundary(total)
+        if self.periodic is not None:
+            self.periodic.wait()
         self._ready = False
         self.watchdog.stop()
         if self.heartbeat is not None:
@@ -243,19 +262,7 @@ class JitCheckpoint:
                 )
                 return None
             payload = self.state.capture(position.completed, self.rank, snapshot)
-            manifest = {
-                "kind": "jit",
-                "step": position.completed,
-                "world_size": self.world_size,
-                "writer_rank": self.rank,
-                "attempt": self.attempt,
-                "reason": reason,
-                "layout": {"type": "ddp"},
-                "created": time.time(),
-                "torch_version": torch.__version__,
-                "jitckpt_version": __version__,
-                "model_signature": model_signature(self.state.model),
-            }
+            manifest = dict(self._manifest(position.completed), kind="jit", reason=reason)
             path = storage.write_checkpoint(
                 self.run_dir,
                 manifest,
@@ -277,6 +284,19 @@ class JitCheckpoint:
             if reason == "manual":
                 self.tracker.unfreeze()
 
+    def _manifest(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "world_size": self.world_size,
+            "writer_rank": self.rank,
+            "attempt": self.attempt,
+            "layout": {"type": "ddp"},
+            "created": time.time(),
+            "torch_version": torch.__version__,
+            "jitckpt_version": __version__,
+            "model_signature": model_signature(self.state.model),
+        }
+
     # -- step boundaries and hooks ----------------------------------------------
     def _boundary(self, step: int) -> None:
         if self.deterministic:
@@ -289,6 +309,11 @@ class JitCheckpoint:
         self.tracker.boundary(step, snapshot)
         if self._resumed and step == self.start_step + 1:
             self.events.emit("first_step_done", step=step)
+            if self.rank == 0:
+                # The resume worked: older JIT copies are no longer needed.
+                storage.prune(self.run_dir, "jit", self.keep_jit)
+        if self.periodic is not None and step > self.start_step and self.periodic.due(step):
+            self.periodic.save(step, lambda: self.state.snapshot(step, self.rank, snapshot))
         self.injector.at("data", step)
 
     def _install_hooks(

@@ -79,7 +79,16 @@ class TrainingState:
     def capture(self, step: int, rank: int, boundary: Mapping[str, Any]) -> bytes:
         """Serialize the state of ``step`` (completed iterations) to bytes.
         ``boundary`` holds what was snapshotted at that step's boundary."""
-        payload: dict[str, Any] = {
+        return serialize(self.tree(step, rank, boundary))
+
+    def snapshot(self, step: int, rank: int, boundary: Mapping[str, Any]) -> dict[str, Any]:
+        """A private copy of the state (tensors cloned), for a background
+        writer while training goes on: the loop blocks only for the copy."""
+        return _clone_tensors(self.tree(step, rank, boundary))
+
+    def tree(self, step: int, rank: int, boundary: Mapping[str, Any]) -> dict[str, Any]:
+        """The state as nested containers of live tensors and plain values."""
+        return {
             "step": step,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -93,9 +102,6 @@ class TrainingState:
             ),
             "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
         }
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        return buffer.getvalue()
 
     def restore(self, payload: Mapping[str, Any], where: str) -> None:
         """Load a decoded payload. Checks everything that can be checked
@@ -130,6 +136,24 @@ class TrainingState:
             obj.load_state_dict(payload["extras"][name])
 
 
+def serialize(tree: Mapping[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(dict(tree), buffer)
+    return buffer.getvalue()
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _clone_tensors(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clone_tensors(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_clone_tensors(item) for item in value)
+    return value
+
+
 def decode(data: bytes, where: str) -> dict[str, Any]:
     """Decode a payload without running any pickled code: weights_only
     loading refuses every object other than tensors and plain containers."""
@@ -137,7 +161,9 @@ def decode(data: bytes, where: str) -> dict[str, Any]:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where}: refused by the safe loader (weights_only): {first_line}") from None
+        raise CheckpointError(
+            f"{where}: refused by the safe loader (weights_only): {first_line}"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
         raise CheckpointError(f"{where}: not a jitckpt training state")
     return payload

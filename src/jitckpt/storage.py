@@ -191,3 +191,25 @@ def remove_stale_temporaries(run_dir: str | os.PathLike[str]) -> None:
     if root.is_dir():
         for path in root.glob(".tmp-*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(run_dir: str | os.PathLike[str], kind: str, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest steps of one kind; returns what was
+    removed. Several ranks' copies of one step count as one step."""
+    steps = sorted(
+        {c.step for c in candidates(run_dir) if c.manifest and c.manifest.get("kind") == kind},
+        reverse=True,
+    )
+    if len(steps) <= keep:
+        return []
+    cutoff = steps[keep - 1] if keep > 0 else float("inf")
+    removed = []
+    for candidate in candidates(run_dir):
+        if (
+            candidate.manifest
+            and candidate.manifest.get("kind") == kind
+            and candidate.step < cutoff
+        ):
+            shutil.rmtree(candidate.path, ignore_errors=True)
+            removed.append(candidate.path)
+    return removed
