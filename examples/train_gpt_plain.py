@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=None, help="periodic backstop checkpoint every N steps (jitckpt only)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
