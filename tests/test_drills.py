@@ -54,7 +54,7 @@ def check_recovered(
     run_dir: Path,
     digest: Path,
     reference: str,
-    expected_resume: list[int],
+    expected_resume: list[int | None],
     launch: Launch,
     printed: list[int] | None = None,
 ) -> None:
@@ -67,6 +67,8 @@ def check_recovered(
     failures = summarize(read_events(run_dir))
     assert len(failures) == len(expected_resume), failures
     for failure, step in zip(failures, expected_resume, strict=True):
+        if step is None:
+            continue  # the next attempt died before any rank finished its restore
         assert failure["resumed_step"] == step
         assert failure["restored_kind"] == "jit"
         assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure
@@ -218,16 +220,24 @@ def test_kill_during_restore_then_the_next_attempt_succeeds(
         "--inject", f"kill@step={FAIL_STEP},rank=0,phase=restore",
         *train_args(run_dir, tmp_path / "digest"),
     )  # fmt: skip
-    # Two failures, both recovered at the same step; rank 0 announces only the
-    # resume that it lived through.
+    # Two failures. The attempt that restores is killed while restoring: its
+    # other ranks may or may not finish their own restore before the launcher
+    # stops them, so the first failure's resumed step is not asserted. Rank 0
+    # announces only the resume it lived through.
     check_recovered(
         run_dir,
         tmp_path / "digest",
         reference_digest,
-        [FAIL_STEP, FAIL_STEP],
+        [None, FAIL_STEP],
         launch,
         printed=[FAIL_STEP],
     )
+    restore_faults = [
+        e
+        for e in read_events(run_dir)
+        if e["event"] == "fault_injected" and e["phase"] == "restore"
+    ]
+    assert len(restore_faults) == 1 and restore_faults[0]["attempt"] == 1
 
 
 def test_second_failure_on_the_first_step_after_resume(
