@@ -5,7 +5,9 @@ It accepts every torchrun option and adds ``--inject SPEC`` (fault
 injection), ``--term-grace`` (how long a worker may ignore SIGTERM before it
 is killed) and ``--spares``. Workers start through ``jitckpt.bootstrap`` so
 their SIGTERM thread exists before any other thread. At the end it prints a
-summary of every failure from the run's event log.
+summary of every failure from the run's event log. Workers are forked from
+a warm process that has torch imported already (jitckpt.warmpool), unless
+``--no-warm-pool`` is given.
 
 Exit status: 0 when training finished; 75 when the job was preempted
 (SIGTERM) and the workers saved: run the same command again to resume; 78
@@ -25,6 +27,7 @@ from pathlib import Path
 from jitckpt.errors import EXIT_FATAL, EXIT_SAVED_AND_STOPPED, FaultSpecError
 from jitckpt.inject import ENV_VAR as INJECT_ENV
 from jitckpt.inject import parse_spec
+from jitckpt.warmpool import start_pool
 
 # Restarts allowed by default: torchrun's default is 0, which turns the first
 # failure into the end of the job. Each failure costs one restart.
@@ -63,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds a worker may ignore SIGTERM before it is killed when the job restarts (default {DEFAULT_TERM_GRACE_S})",
     )
     parser.add_argument(
+        "--no-warm-pool",
+        dest="warm_pool",
+        action="store_false",
+        help="start every worker as a fresh interpreter instead of forking it from a warm "
+        "process that has torch imported already (see jitckpt.warmpool)",
+    )
+    parser.add_argument(
         "--spares",
         type=int,
         default=0,
@@ -98,6 +108,7 @@ def run(argv: list[str]) -> int:
     from torch.distributed.run import config_from_args
 
     config, cmd, cmd_args = config_from_args(args)
+    rest: list[str] | None = None
     if args.no_python or args.run_path:
         entry_args = cmd_args
     else:
@@ -112,9 +123,18 @@ def run(argv: list[str]) -> int:
     os.environ["JITCKPT_AGENT_PID"] = str(os.getpid())
     if specs:
         os.environ[INJECT_ENV] = ";".join(str(spec) for spec in specs)
+    pool = None
     try:
+        if rest is not None and args.warm_pool:
+            # Started last, under the environment the workers get, so that it
+            # imports torch as they would (OMP_NUM_THREADS above all).
+            pool = start_pool()
+            if pool is not None:
+                entry_args = pool.client_args(rest)
         return _launch(config, cmd, entry_args, control_dir, args.term_grace)
     finally:
+        if pool is not None:
+            pool.close()
         shutil.rmtree(control_dir, ignore_errors=True)
 
 
