@@ -51,11 +51,12 @@ def test_write_is_atomic_and_verified(tmp_path: Path) -> None:
 def test_interrupted_write_leaves_no_candidate(tmp_path: Path) -> None:
     storage.write_checkpoint(tmp_path, manifest(1), b"old")
 
-    def die() -> None:
-        raise KeyboardInterrupt  # stands for the process dying before the manifest
+    def die(point: str) -> None:
+        if point == "payload_written":
+            raise KeyboardInterrupt  # stands for the process dying before the manifest
 
     with pytest.raises(KeyboardInterrupt):
-        storage.write_checkpoint(tmp_path, manifest(2), b"new", before_commit=die)
+        storage.write_checkpoint(tmp_path, manifest(2), b"new", on_point=die)
     found = storage.candidates(tmp_path)
     assert [c.step for c in found] == [1]
     storage.remove_stale_temporaries(tmp_path)

@@ -267,7 +267,11 @@ class JitCheckpoint:
                 self.run_dir,
                 manifest,
                 payload,
-                before_commit=lambda: self.injector.at("save", position.completed),
+                on_point=lambda point: (
+                    self.injector.at("save", position.completed)
+                    if point == "payload_written"
+                    else None
+                ),
             )
             self.events.emit(
                 "save",

@@ -42,9 +42,20 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
+# Points of a write where a crash-consistency test (and the fault injector's
+# ``save`` phase, at "payload_written") can stop the writer.
+WRITE_POINTS = ("tmp_created", "payload_half", "payload_written", "manifest_written", "renamed")
+WritePointHook = Callable[[str], None]
+
+
+def _write_file(path: Path, data: bytes, on_point: WritePointHook | None = None) -> None:
     with open(path, "wb") as handle:
-        handle.write(data)
+        half = len(data) // 2
+        handle.write(data[:half])
+        if on_point is not None:
+            handle.flush()
+            on_point("payload_half")
+        handle.write(data[half:])
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -53,12 +64,13 @@ def write_checkpoint(
     run_dir: str | os.PathLike[str],
     manifest: dict[str, Any],
     payload: bytes,
-    before_commit: Callable[[], None] | None = None,
+    on_point: WritePointHook | None = None,
 ) -> Path:
     """Write one checkpoint atomically and return its directory.
     ``manifest`` must hold kind, step, attempt and writer_rank; the file table
-    and format are added here. ``before_commit`` runs after the payload is on
-    disk and before the manifest (the fault injector's ``save`` phase)."""
+    and format are added here. ``on_point(name)`` is called at each of
+    WRITE_POINTS (for fault injection and crash tests)."""
+    point = on_point or (lambda _name: None)
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = (
@@ -70,15 +82,17 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_file(tmp / PAYLOAD, payload)
-    if before_commit is not None:
-        before_commit()
+    point("tmp_created")
+    _write_file(tmp / PAYLOAD, payload, on_point)
+    point("payload_written")
     full = dict(manifest)
     full["format"] = FORMAT
     full["files"] = {PAYLOAD: {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
     _write_file(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
+    point("manifest_written")
     _fsync_path(tmp)
     os.rename(tmp, final)
+    point("renamed")
     _fsync_path(root)
     return final
 
