@@ -72,6 +72,16 @@ def test_inspect_lists_valid_and_invalid_checkpoints(tmp_path: Path) -> None:
     rows = {Path(r["path"]).name: r for r in json.loads(launch.output)}
     assert rows[good.name]["valid"] and rows[good.name]["step"] == 3
     assert not rows[bad.name]["valid"] and "truncated" in rows[bad.name]["problem"]
+    # A flipped byte keeps the size: only --verify's checksums see it.
+    (good / storage.PAYLOAD).write_bytes(b"x" * 99 + b"!")
+    launch = run_tagged(
+        [sys.executable, "-m", "jitckpt", "inspect", str(run_dir), "--json"], timeout=60
+    )
+    assert {Path(r["path"]).name: r["valid"] for r in json.loads(launch.output)}[good.name]
+    launch = run_tagged(
+        [sys.executable, "-m", "jitckpt", "inspect", str(run_dir), "--verify"], timeout=60
+    )
+    assert launch.returncode == 1 and "checksum mismatch" in launch.output, launch.output
     shutil.rmtree(good)
     launch = run_tagged([sys.executable, "-m", "jitckpt", "inspect", str(run_dir)], timeout=60)
     assert launch.returncode == 1, "no valid checkpoint left"

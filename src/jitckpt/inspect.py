@@ -16,6 +16,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jitckpt inspect", description=__doc__)
     parser.add_argument("run_dir", help="a run directory (or its checkpoints/ folder)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-read every file and check its SHA-256 (default: manifests and file sizes only)",
+    )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     if run_dir.name == storage.CHECKPOINTS_DIR:
@@ -28,7 +33,10 @@ def main(argv: list[str]) -> int:
         problem = candidate.problem
         if problem is None and candidate.manifest is not None:
             try:
-                storage.read_verified(candidate.path, candidate.manifest)
+                if args.verify:
+                    storage.read_verified(candidate.path, candidate.manifest)
+                else:
+                    storage.check_sizes(candidate.path, candidate.manifest)
             except CheckpointError as exc:
                 problem = str(exc)
         m = candidate.manifest or {}

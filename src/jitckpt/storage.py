@@ -177,6 +177,20 @@ def read_verified(path: Path, manifest: dict[str, Any]) -> bytes:
     return data
 
 
+def check_sizes(path: Path, manifest: dict[str, Any]) -> None:
+    """The cheap check: every listed file exists with its recorded size."""
+    for name, entry in manifest["files"].items():
+        file_path = path / name
+        try:
+            size = file_path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{file_path}: file missing") from None
+        if size != entry["size"]:
+            raise CheckpointError(
+                f"{file_path}: truncated or padded: {size} bytes, manifest says {entry['size']}"
+            )
+
+
 def verify(path: Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     read_verified(path, manifest)
