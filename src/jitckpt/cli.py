@@ -9,7 +9,7 @@ USAGE = """usage: jitckpt COMMAND ...
 
 commands:
   run [torchrun options] [--inject SPEC]... SCRIPT [ARGS]   launch training with JIT checkpointing
-  inspect DIR [--json]                                    list a run's checkpoints and whether each is valid
+  inspect DIR [--json] [--verify]                         list a run's checkpoints and whether each is valid
   report DIR [--json]                                     failures and recoveries of a run, from its event log
 """
 
