@@ -108,7 +108,7 @@ def test_tracker_freeze_waits_for_the_dirty_window_to_end() -> None:
     loop = threading.Thread(target=tracker.boundary, args=(1,))
     loop.start()  # parks at the gate after publishing the clean state
     thread.join(5)
-    assert result and result[0].completed == 1 and not result[0].dirty
+    assert result and result[0][0].completed == 1 and not result[0][0].dirty
     assert loop.is_alive(), "the training thread is held while the state is saved"
     tracker.unfreeze()
     loop.join(5)

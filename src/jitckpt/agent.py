@@ -1,10 +1,12 @@
 """The elastic agent behind ``jitckpt run``: torchrun's LocalElasticAgent with
-three changes for JIT checkpointing.
+these changes for JIT checkpointing.
 
 * Workers that ignore SIGTERM are killed after ``term_grace_s`` instead of
   torchrun's fixed 30 s when the job restarts (PLATFORM.md: --shutdown-timeout
-  does not apply there). Healthy workers save within milliseconds of the
-  SIGTERM, so the long grace only delays the restart.
+  does not apply there). The grace stretches while a worker reports that it
+  is still writing its JIT checkpoint, up to MAX_SAVE_WAIT_S.
+* Workers build their group under a store prefix unique to the rendezvous
+  round.
 * Every worker failure and restart is written to the run's event log.
 * A worker that reports a fatal error (a checkpoint that does not fit the
   model, an unusable run directory) stops the restarts: no attempt can
@@ -14,6 +16,8 @@ three changes for JIT checkpointing.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,13 @@ def worker_group_run_id(agent: LocalElasticAgent) -> str | None:
         return agent.get_worker_group().spec.rdzv_handler.get_run_id()
     except Exception:  # noqa: BLE001 - only used to label events
         return None
+
+
+# Workers touch a file here while they write a JIT checkpoint.
+SAVING_DIR = "saving"
+# The longest the agent waits for savers before SIGKILL, however long the
+# save: a bound for a writer stuck on dead storage.
+MAX_SAVE_WAIT_S = 300.0
 
 
 class JitAgent(LocalElasticAgent):
@@ -60,24 +71,52 @@ class JitAgent(LocalElasticAgent):
             getattr(worker_group.spec.rdzv_handler, "_state_holder", None), "state", None
         )
         os.environ["JITCKPT_RDZV_ROUND"] = str(getattr(state, "round", "na"))
+        shutil.rmtree(self.control_dir / SAVING_DIR, ignore_errors=True)
         pids = super()._start_workers(worker_group)
         # When one worker fails, the process context closes its siblings with
         # close()'s default 30 s SIGKILL grace (PLATFORM.md: --shutdown-timeout
-        # does not apply there). Make our grace the default; explicit timeouts
-        # (the agent's own shutdown on a signal) are kept.
+        # does not apply there). Ours is shorter, but stretches while a worker
+        # is writing its JIT checkpoint (a large state takes seconds): killing
+        # every saver mid-write would leave no checkpoint at all. Explicit
+        # timeouts (the agent's own shutdown on a signal) are kept.
         pcontext = self._pcontext
         if pcontext is not None:
             original_close = pcontext.close
-            grace = self.term_grace_s
 
-            def close(death_sig: Any = None, timeout: float = grace) -> None:
+            def close(death_sig: Any = None, timeout: float | None = None) -> None:
+                if timeout is None:
+                    self._terminate_patiently(pcontext, death_sig or signal.SIGTERM)
+                    timeout = 0.1  # only stragglers are left for SIGKILL
                 original_close(death_sig, timeout)  # type: ignore[arg-type]
 
             pcontext.close = close  # type: ignore[method-assign]
         return pids
 
+    def _terminate_patiently(self, pcontext: Any, death_sig: signal.Signals) -> None:
+        """Signal every live worker, then wait up to the grace, longer (up to
+        MAX_SAVE_WAIT_S) while any live worker reports a save in progress."""
+        handlers = dict(getattr(pcontext, "subprocess_handlers", {}))
+        procs = [h.proc for h in handlers.values()]
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(death_sig)
+                except ProcessLookupError:
+                    pass
+        started = time.monotonic()
+        while any(proc.poll() is None for proc in procs):
+            waited = time.monotonic() - started
+            saving = any(
+                handler.proc.poll() is None
+                and (self.control_dir / SAVING_DIR / str(local_rank)).exists()
+                for local_rank, handler in handlers.items()
+            )
+            if waited > MAX_SAVE_WAIT_S or (waited > self.term_grace_s and not saving):
+                return
+            time.sleep(0.02)
+
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
-        self._shutdown(timeout=self.term_grace_s)  # type: ignore[arg-type]
+        self._shutdown(timeout=None)  # type: ignore[arg-type]
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)

@@ -35,6 +35,7 @@ from jitckpt.errors import (
     EXIT_FATAL,
     EXIT_SAVED_AND_STOPPED,
     CheckpointError,
+    CheckpointMismatchError,
     InjectedFault,
     JitckptError,
     RunDirError,
@@ -54,6 +55,9 @@ from jitckpt.watchdog import Heartbeat, Watchdog, read_suspects
 # The wait is this floor or 3 median step times, whichever is longer.
 DIRTY_WAIT_FLOOR_S = 1.0
 DIRTY_WAIT_STEPS = 3.0
+# How long a hang detector may spend reading heartbeats to name suspects
+# before it saves anyway.
+SUSPECTS_DEADLINE_S = 1.0
 # Exit status of a rank that saved (or tried to) after a failure it saw.
 EXIT_AFTER_FAILURE = 1
 # Substrings of errors raised by a collective whose peer died.
@@ -157,7 +161,8 @@ class JitCheckpoint:
         keep_jit: int = 2,
     ) -> None:
         self._ready = False
-        self._fail_lock = threading.Lock()
+        self._forwards_in_step = 0
+        self._fail_lock = threading.RLock()
         self._previous_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
         self.run_dir = prepare_run_dir(run_dir)
@@ -226,41 +231,54 @@ class JitCheckpoint:
         self.watchdog.start()
         if self.heartbeat is not None:
             self.heartbeat.start()
-        while step < total:
-            self._boundary(step)
-            yield step
-            step += 1
-        self._boundary(total)
-        if self.periodic is not None:
-            self.periodic.wait()
-        self._ready = False
-        self.watchdog.stop()
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-        signals.set_callback(None)
-        self.events.emit("finish", step=total)
+        finished = False
+        try:
+            while step < total:
+                self._boundary(step)
+                yield step
+                step += 1
+            self._boundary(total)
+            finished = True
+        finally:
+            # Also on break/return out of the loop: after it, nothing is a
+            # training step, so no watchdog, and errors are not step failures.
+            self._ready = False
+            self.watchdog.stop()
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+            if self.periodic is not None:
+                self.periodic.wait()
+            signals.set_callback(None)
+            self.events.emit("finish" if finished else "loop_left", step=step)
 
     def save(self, reason: str = "manual", *, wait_s: float | None = None) -> Path | None:
         """Save the state of the last completed step now (JIT kind). Returns the
         checkpoint directory, or None if no clean state could be had."""
+        with self._fail_lock:  # one save at a time (a manual save racing SIGTERM)
+            return self._save(reason, wait_s)
+
+    def _save(self, reason: str, wait_s: float | None) -> Path | None:
         started = time.monotonic()
-        position = self.tracker.freeze_clean(self._dirty_wait() if wait_s is None else wait_s)
+        frozen = self.tracker.freeze_clean(self._dirty_wait() if wait_s is None else wait_s)
         try:
-            if position is None:
-                self.events.emit(
+            if frozen is None:
+                self._warn(
                     "save_skipped",
                     reason="state not clean: the loop stayed between optimizer.step() and the "
                     "next step boundary (a collective placed after optimizer.step()?)",
                 )
                 return None
-            snapshot = self.tracker.boundary_snapshot or {}
+            position, snapshot = frozen
             if self.scheduler is not None and snapshot.get("scheduler_epoch") != getattr(
                 self.scheduler, "last_epoch", None
             ):
-                self.events.emit(
-                    "save_skipped", reason="scheduler stepped without an optimizer step"
-                )
+                self._warn("save_skipped", reason="scheduler stepped without an optimizer step")
                 return None
+            if snapshot is None:
+                self._warn("save_skipped", reason="no step boundary passed yet in this process")
+                return None
+            if reason != "manual":
+                self._mark_saving()
             payload = self.state.capture(position.completed, self.rank, snapshot)
             manifest = dict(self._manifest(position.completed), kind="jit", reason=reason)
             path = storage.write_checkpoint(
@@ -288,6 +306,24 @@ class JitCheckpoint:
             if reason == "manual":
                 self.tracker.unfreeze()
 
+    def _mark_saving(self) -> None:
+        """Tell the launcher a save is under way, so it waits for it before
+        SIGKILL (the marker dies with this attempt)."""
+        control = os.environ.get("JITCKPT_CONTROL_DIR")
+        if control:
+            Path(control, "saving").mkdir(exist_ok=True)
+            Path(control, "saving", os.environ.get("LOCAL_RANK", str(self.rank))).touch()
+
+    def _warn(self, event: str, **data: Any) -> None:
+        """An event the user must also see on stderr (P6: say so)."""
+        self.events.emit(event, **data)
+        detail = "; ".join(f"{k}: {v}" for k, v in data.items())
+        print(
+            f"jitckpt: rank {self.rank}: {event.replace('_', ' ')}: {detail}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _manifest(self, step: int) -> dict[str, Any]:
         return {
             "step": step,
@@ -303,6 +339,7 @@ class JitCheckpoint:
 
     # -- step boundaries and hooks ----------------------------------------------
     def _boundary(self, step: int) -> None:
+        self._forwards_in_step = 0
         if self.deterministic:
             rng.reseed(self.seed, step, self.rank)
         snapshot = {
@@ -315,10 +352,18 @@ class JitCheckpoint:
             self.events.emit("first_step_done", step=step)
             if self.rank == 0:
                 # The resume worked: older JIT copies are no longer needed.
-                storage.prune(self.run_dir, "jit", self.keep_jit)
+                storage.prune(self.run_dir, "jit", self.keep_jit, keep_from_step=self.start_step)
         if self.periodic is not None and step > self.start_step and self.periodic.due(step):
             self.periodic.save(step, lambda: self.state.snapshot(step, self.rank, snapshot))
         self.injector.at("data", step)
+
+    def _reseed_forward(self, *_: Any) -> None:
+        # One stream per forward of the step: micro-batches of gradient
+        # accumulation must not share dropout masks.
+        self._forwards_in_step += 1
+        rng.reseed(
+            self.seed, self.tracker.position().in_progress, self.rank, stream=self._forwards_in_step
+        )
 
     def _install_hooks(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
@@ -347,11 +392,7 @@ class JitCheckpoint:
             # global RNG when its iterator is created, which a resumed run does
             # at a different step than an uninterrupted one. Reseeding here keeps
             # the model's randomness (dropout) a function of (step, rank) alone.
-            model.register_forward_pre_hook(
-                lambda *_: rng.reseed(
-                    self.seed, self.tracker.position().in_progress, self.rank, stream=1
-                )
-            )
+            model.register_forward_pre_hook(self._reseed_forward)
 
         def on_forward(*_: Any) -> None:
             tracker.progress += 1
@@ -424,7 +465,18 @@ class JitCheckpoint:
         self.injector.at("restore", int(manifest["step"]))
         if payload is None:
             payload = decode(storage.read_verified(path, manifest), str(path / storage.PAYLOAD))
-        self.state.restore(payload, str(path))
+        try:
+            self.state.restore(payload, str(path))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a torch load error, made actionable
+            raise CheckpointMismatchError(
+                f"checkpoint {path} could not be loaded into this job's components "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). "
+                f"Pass the same optimizer, scheduler, loader and extras as the run that "
+                f"wrote it, or start a new run with a different --run-dir. Nothing on disk "
+                f"was changed."
+            ) from None
         saved_rng = payload.get("rng")
         if not self.deterministic:
             if saved_rng and saved_rng["rank"] == self.rank:
@@ -461,7 +513,18 @@ class JitCheckpoint:
             choice = json.loads(store.get(key).decode())
             if "error" in choice:
                 raise CheckpointError(f"rank 0 could not choose a checkpoint: {choice['error']}")
-            return (Path(choice["path"]) if choice["path"] else None), None
+            if not choice["name"]:
+                return None, None
+            # Only a name travels: each rank resolves it under its own run dir
+            # and checks it is the very checkpoint rank 0 verified.
+            chosen = storage.checkpoints_dir(self.run_dir) / Path(choice["name"]).name
+            manifest = storage.read_manifest_or_explain(chosen, shared_hint=True)
+            if manifest["files"][storage.PAYLOAD]["sha256"] != choice["sha256"]:
+                raise CheckpointError(
+                    f"{chosen}: differs from the checkpoint rank 0 chose (another checksum); "
+                    f"do all ranks see the same --run-dir?"
+                )
+            return chosen, None
         try:
             path, payload = self._newest_valid()
         except JitckptError as exc:
@@ -469,7 +532,9 @@ class JitCheckpoint:
                 distributed.attempt_store().set(key, json.dumps({"error": str(exc)}))
             raise
         if use_store:
-            distributed.attempt_store().set(key, json.dumps({"path": str(path) if path else None}))
+            sha = storage.read_manifest(path)["files"][storage.PAYLOAD]["sha256"] if path else None
+            choice = {"name": path.name if path else None, "sha256": sha}
+            distributed.attempt_store().set(key, json.dumps(choice))
         storage.remove_stale_temporaries(self.run_dir)
         return path, payload
 
@@ -503,11 +568,19 @@ class JitCheckpoint:
         return max(DIRTY_WAIT_FLOOR_S, DIRTY_WAIT_STEPS * median)
 
     def _on_hang(self, stalled_s: float, timeout_s: float) -> None:
-        suspects = (
-            read_suspects(distributed.side_store(), self.world_size, self.rank)
-            if self._uses_store()
-            else {}
-        )
+        # Naming suspects needs the store, whose host may be the node that
+        # died: bounded, best effort, and never in the way of the save.
+        found: dict[int, str] = {}
+        if self.heartbeat is not None:
+            store = self.heartbeat.store
+            reader = threading.Thread(
+                target=lambda: found.update(read_suspects(store, self.world_size, self.rank)),
+                name="jitckpt-suspects",
+                daemon=True,
+            )
+            reader.start()
+            reader.join(SUSPECTS_DEADLINE_S)
+        suspects = dict(found)
         described = (
             ", ".join(f"rank {r} {kind}" for r, kind in sorted(suspects.items())) or "none named"
         )
@@ -555,22 +628,34 @@ class JitCheckpoint:
     ) -> None:
         # The first detector saves; any later one (the launcher's SIGTERM
         # arriving while a collective error is being handled) waits for it.
+        # Whatever goes wrong while saving, the process must still exit: a
+        # detector thread that died here would leave the loop frozen and the
+        # job waiting for gloo's timeout.
         with self._fail_lock:
-            position = self.tracker.position()
-            self.events.emit(
-                "detect", cause=cause, detail=detail[:500], **position.as_dict(), **extra
-            )
-            if self._ready:
-                # The training thread cannot leave its dirty window while it
-                # runs this very handler, so don't wait for it there.
-                self.save(reason=cause, wait_s=0.0 if on_main_thread else None)
-            else:
-                self.events.emit("save_skipped", reason="failure before training started")
-            self.events.emit("exit", code=exit_code)
-            self.events.close()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(exit_code)
+            try:
+                position = self.tracker.position()
+                self.events.emit(
+                    "detect", cause=cause, detail=detail[:500], **position.as_dict(), **extra
+                )
+                if self._ready:
+                    # The training thread cannot leave its dirty window while it
+                    # runs this very handler, so don't wait for it there.
+                    self._save(cause, 0.0 if on_main_thread else None)
+                else:
+                    self._warn("save_skipped", reason="failure before the first step boundary")
+            except BaseException as exc:  # noqa: BLE001 - exiting matters more
+                try:
+                    self._warn("save_failed", error=f"{type(exc).__name__}: {exc}")
+                except BaseException:  # noqa: BLE001
+                    pass
+            finally:
+                try:
+                    self.events.emit("exit", code=exit_code)
+                    self.events.close()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(exit_code)
 
 
 def _process_start_time() -> float | None:

@@ -54,6 +54,16 @@ def init_process_group(
     failed peer is detected long before it in the restart path.
     """
     signals.install()
+    missing = [
+        name
+        for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        if name not in os.environ
+    ]
+    if missing:
+        raise RuntimeError(
+            f"jitckpt.init_process_group needs the launcher's environment ({', '.join(missing)} "
+            f"not set): start the script with `jitckpt run` (or torchrun)."
+        )
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     store = attempt_store()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,21 +28,24 @@ class EventLog:
         self.path = Path(run_dir) / EVENTS_FILE
         self.fields = fields
         self._fd: int | None = None
+        self._lock = threading.Lock()  # several threads log (training, watchdog, signals)
 
     def emit(self, event: str, **data: Any) -> dict[str, Any]:
         record: dict[str, Any] = {"t": time.time(), "event": event}
         record.update(self.fields)
         record.update(data)
         line = (json.dumps(record, default=str) + "\n").encode()
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(self._fd, line)
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(self._fd, line)
         return record
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def read_events(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -79,8 +79,9 @@ class PeriodicSaver:
             payload = serialize(tree)
             manifest = dict(self.manifest(step), kind="periodic")
             path = storage.write_checkpoint(self.run_dir, manifest, payload)
-        except OSError as exc:
-            self.events.emit("periodic_failed", step=step, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - the backstop must say it is off, not vanish
+            self.events.emit("periodic_failed", step=step, error=f"{type(exc).__name__}: {exc}")
+            print(f"jitckpt: periodic checkpoint of step {step} failed: {exc}", flush=True)
             return
         self.events.emit(
             "save",

@@ -5,7 +5,8 @@ holding ``state.pt`` (the payload) and ``manifest.json`` (written last). It
 is written under a temporary name, every file and the directory fsynced,
 then renamed into place, and the parent directory fsynced: a checkpoint
 exists only once it is complete, and a writer killed mid-save leaves at most
-a ``.tmp-*`` directory that readers ignore and later saves clean up.
+a ``.tmp-*`` directory that readers ignore and rank 0 removes when the job
+next starts.
 """
 
 from __future__ import annotations
@@ -133,7 +134,30 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for key in ("kind", "step", "world_size", "files"):
         if key not in manifest:
             raise CheckpointError(f"{manifest_path}: manifest lacks '{key}'")
+    files = manifest["files"]
+    if (
+        not isinstance(manifest["step"], int)
+        or not isinstance(manifest["world_size"], int)
+        or not isinstance(files, dict)
+        or not all(
+            isinstance(e, dict)
+            and isinstance(e.get("size"), int)
+            and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        )
+    ):
+        raise CheckpointError(f"{manifest_path}: manifest fields have the wrong types (garbled)")
     return manifest
+
+
+def read_manifest_or_explain(path: Path, shared_hint: bool = False) -> dict[str, Any]:
+    """read_manifest, with a hint when a peer's choice is missing here."""
+    if shared_hint and not path.exists():
+        raise CheckpointError(
+            f"{path}: chosen by rank 0 but not present on this rank; do all ranks see the "
+            f"same --run-dir (a shared filesystem at the same path)?"
+        )
+    return read_manifest(path)
 
 
 def candidates(run_dir: str | os.PathLike[str]) -> list[Candidate]:
@@ -221,23 +245,31 @@ def remove_stale_temporaries(run_dir: str | os.PathLike[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def prune(run_dir: str | os.PathLike[str], kind: str, keep: int) -> list[Path]:
+def prune(
+    run_dir: str | os.PathLike[str], kind: str, keep: int, keep_from_step: int | None = None
+) -> list[Path]:
     """Remove all but the ``keep`` newest steps of one kind; returns what was
-    removed. Several ranks' copies of one step count as one step."""
-    steps = sorted(
-        {c.step for c in candidates(run_dir) if c.manifest and c.manifest.get("kind") == kind},
-        reverse=True,
-    )
-    if len(steps) <= keep:
-        return []
-    cutoff = steps[keep - 1] if keep > 0 else float("inf")
-    removed = []
+    removed. Several ranks' copies of one step count as one step, and only
+    checkpoints whose files are all there count. Nothing at or after
+    ``keep_from_step`` (the step just restored) is removed."""
+    usable = []
     for candidate in candidates(run_dir):
-        if (
-            candidate.manifest
-            and candidate.manifest.get("kind") == kind
-            and candidate.step < cutoff
-        ):
+        if candidate.manifest is None or candidate.manifest.get("kind") != kind:
+            continue
+        try:
+            check_sizes(candidate.path, candidate.manifest)
+        except CheckpointError:
+            continue
+        usable.append(candidate)
+    steps = sorted({c.step for c in usable}, reverse=True)
+    if len(steps) <= keep or keep <= 0:
+        return []
+    cutoff = steps[keep - 1]
+    if keep_from_step is not None:
+        cutoff = min(cutoff, keep_from_step)
+    removed = []
+    for candidate in usable:
+        if candidate.step < cutoff:
             shutil.rmtree(candidate.path, ignore_errors=True)
             removed.append(candidate.path)
     return removed

@@ -85,8 +85,10 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         record: dict[str, Any] = {
             "attempt": attempt,
             "fault": injected[0]["spec"] if injected else None,
+            # Ranks that died without jitckpt's orderly exit (survivors that
+            # saved and exited are not failures).
             "failed_ranks": sorted(
-                {e["failed_rank"] for e in exits if e.get("exitcode") not in (None,)}
+                {e["failed_rank"] for e in exits} - {e["rank"] for e in evs if e["event"] == "exit"}
             )
             or sorted({e["rank"] for e in injected}),
             "detections": [

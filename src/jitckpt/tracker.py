@@ -70,10 +70,6 @@ class StepTracker:
         self.boundary_snapshot: Any = None
 
     # -- called by the training thread -------------------------------------------
-    def tick(self, *_: Any) -> None:
-        """The loop passed a progress point (usable directly as a hook)."""
-        self.progress += 1
-
     def boundary(self, completed: int, snapshot: Any = None) -> None:
         """Start of iteration ``completed``: the state is clean again."""
         now = time.monotonic()
@@ -122,26 +118,25 @@ class StepTracker:
                 self._completed, self._dirty, self._optimizer_started, self._optimizer_finished
             )
 
-    def freeze_clean(self, timeout: float) -> Position | None:
+    def freeze_clean(self, timeout: float) -> tuple[Position, Any] | None:
         """Stop the loop at its next gate and wait up to ``timeout`` seconds for
-        a clean state. Returns the clean position, or None if the loop stayed
-        dirty (e.g. blocked in a collective placed after optimizer.step)."""
+        a clean state. Returns the clean position with the boundary snapshot
+        of the same step, or None if the loop stayed dirty (e.g. blocked in a
+        collective placed after optimizer.step)."""
         with self._cond:
             self._frozen = True
             self._cond.wait_for(lambda: not self._dirty, timeout=timeout)
             if self._dirty:
                 return None
-            return Position(
+            position = Position(
                 self._completed, self._dirty, self._optimizer_started, self._optimizer_finished
             )
+            return position, self.boundary_snapshot
 
     def unfreeze(self) -> None:
         with self._cond:
             self._frozen = False
             self._cond.notify_all()
-
-    def steps_timed(self) -> int:
-        return len(self._step_times)
 
     def median_step_time(self) -> float | None:
         times = list(self._step_times)

@@ -38,15 +38,19 @@ HEARTBEAT_INTERVAL_S = 0.25
 STALE_AFTER_S = 1.0
 
 
-def hang_timeout(tracker: StepTracker, override: float | None) -> float | None:
-    """The stall that counts as a hang, or None while it cannot be judged
-    (no step has completed yet in this process: startup and restore are not
-    steps, and the first step may compile or warm up for long)."""
+# Before a step has completed in this process there is no step time to
+# judge by (the first step may compile or warm up for long): a generous fixed
+# timeout still beats gloo's 30 minutes.
+FIRST_STEP_TIMEOUT_S = 300.0
+
+
+def hang_timeout(tracker: StepTracker, override: float | None) -> float:
+    """The stall that counts as a hang."""
     if override is not None:
         return override
     median = tracker.median_step_time()
     if median is None:
-        return None
+        return FIRST_STEP_TIMEOUT_S
     return max(HANG_TIMEOUT_FLOOR_S, HANG_TIMEOUT_STEPS * median)
 
 
@@ -144,6 +148,6 @@ class Watchdog:
                 seen, changed = progress, now
                 continue
             timeout = hang_timeout(self.tracker, self.timeout_override)
-            if timeout is not None and now - changed > timeout:
+            if now - changed > timeout:
                 self.on_hang(now - changed, timeout)
                 return
