@@ -159,3 +159,18 @@ def test_checkpoint_that_would_run_code_is_refused(two_checkpoints: Path, tmp_pa
     assert f"refusing checkpoint {payload.parent}" in launch.output
     assert "refused by the safe loader (weights_only)" in launch.output, show(launch)
     assert launch.resumed_steps() == [2]
+
+
+def test_leaving_the_loop_early_is_not_a_failure(tmp_path: Path) -> None:
+    """`break` out of ckpt.steps() then work longer than the hang timeout:
+    no hang is declared and the script ends normally."""
+    from jitckpt.events import read_events
+
+    launch = jitckpt_run(
+        str(TINY), "--run-dir", str(tmp_path / "run"), "--steps", "40", "--break-at", "20", "--sleep-after", "4",
+        nproc=2,
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    events = read_events(tmp_path / "run")
+    assert not [e for e in events if e["event"] == "detect"], "no failure after the loop"
+    assert {e["step"] for e in events if e["event"] == "loop_left"} == {20}

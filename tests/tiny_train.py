@@ -5,6 +5,7 @@ chosen steps, and optionally a log of the samples each rank trained on."""
 import argparse
 import json
 import os
+import time
 
 import torch
 from torch.utils.data import Dataset
@@ -40,6 +41,12 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, action="append", default=[])
     parser.add_argument("--digest")
     parser.add_argument(
+        "--break-at", type=int, default=None, help="leave the loop early at this step"
+    )
+    parser.add_argument(
+        "--sleep-after", type=float, default=0.0, help="seconds of non-step work after the loop"
+    )
+    parser.add_argument(
         "--log-samples",
         action="store_true",
         help="append each step's sample indices to RUN_DIR/samples.jsonl",
@@ -65,6 +72,8 @@ def main() -> None:
     print(f"start_step {ckpt.start_step}", flush=True)
     rank = int(os.environ.get("RANK", "0"))
     for step in ckpt.steps(args.steps):
+        if step == args.break_at:
+            break
         if step in args.save_at:
             ckpt.save()
         index, x, y = next(batches)
@@ -82,6 +91,7 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    time.sleep(args.sleep_after)
     if args.digest and rank == 0:
         with open(args.digest, "w") as handle:
             handle.write(jitckpt.state_digest(model, optimizer))

@@ -231,25 +231,31 @@ class JitCheckpoint:
         self.watchdog.start()
         if self.heartbeat is not None:
             self.heartbeat.start()
-        finished = False
         try:
             while step < total:
                 self._boundary(step)
                 yield step
                 step += 1
             self._boundary(total)
-            finished = True
-        finally:
-            # Also on break/return out of the loop: after it, nothing is a
-            # training step, so no watchdog, and errors are not step failures.
-            self._ready = False
-            self.watchdog.stop()
-            if self.heartbeat is not None:
-                self.heartbeat.stop()
-            if self.periodic is not None:
-                self.periodic.wait()
-            signals.set_callback(None)
-            self.events.emit("finish" if finished else "loop_left", step=step)
+        except GeneratorExit:
+            # The loop was left early: a `break`, or an exception unwinding the
+            # loop body (Python closes the generator before sys.excepthook
+            # runs, so the failure path must stay armed). Only hang detection
+            # stops: nothing after the loop is a training step.
+            self._stop_watching()
+            self.events.emit("loop_left", step=step)
+            raise
+        self._stop_watching()
+        if self.periodic is not None:
+            self.periodic.wait()
+        self._ready = False
+        signals.set_callback(None)
+        self.events.emit("finish", step=total)
+
+    def _stop_watching(self) -> None:
+        self.watchdog.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def save(self, reason: str = "manual", *, wait_s: float | None = None) -> Path | None:
         """Save the state of the last completed step now (JIT kind). Returns the
