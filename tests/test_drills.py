@@ -66,13 +66,18 @@ def check_recovered(
     assert launch.resumed_steps() == (expected_resume if printed is None else printed), show(launch)
     failures = summarize(read_events(run_dir))
     assert len(failures) == len(expected_resume), failures
+    previous_resume = None
     for failure, step in zip(failures, expected_resume, strict=True):
         if step is None:
             continue  # the next attempt died before any rank finished its restore
         assert failure["resumed_step"] == step
         assert failure["restored_kind"] == "jit"
         assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure
-        assert failure["save_copies"] >= 1
+        if step != previous_resume:
+            # A failure before the first step after a resume needs no new
+            # checkpoint: the one just restored still covers it.
+            assert failure["save_copies"] >= 1, failure
+        previous_resume = step
 
 
 @pytest.mark.parametrize(
