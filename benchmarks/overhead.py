@@ -1,38 +1,46 @@
 """Step-time overhead of jitckpt on the example GPT, in one command.
 
-    python benchmarks/overhead.py             # 4 ranks, about 2-3 minutes on 2 cores
-    python benchmarks/overhead.py --quick     # a smoke run of about 30 s
+    python benchmarks/overhead.py              # 4 ranks, about 2.5-3 minutes on 2 cores
+    python benchmarks/overhead.py --quick      # smoke run, about 25 s
+    python benchmarks/overhead.py --json out.json
 
 What it measures: the steady-state wall time of one training iteration of
-examples/train_gpt.py (GPT of 0.8M parameters, DDP over gloo, AdamW, LambdaLR,
-StatefulDataLoader) with jitckpt ("jitckpt": ``JitCheckpoint`` created with
+examples/train_gpt.py (GPT of 0.87M parameters, DDP over gloo, AdamW,
+LambdaLR, StatefulDataLoader, batch 16) with jitckpt ("jitckpt":
+``JitCheckpoint(run_dir, model, optimizer, scheduler=..., loader=...)`` with
 its defaults, so deterministic=False, and the loop ``for step in
 ckpt.steps(total)``) and without it ("bare": ``for step in range(total)``).
 
 How: one ``torchrun --standalone`` job of --nproc ranks runs this file again
-with --worker. Every worker builds two independent copies of the training
-setup (model, DDP, optimizer, scheduler, loader), one per mode: a DDP model
-takes one comm hook only and JitCheckpoint registers hooks on its optimizer,
-so the bare copy never carries any of them. Both modes then train in the same
-process group in alternating rounds (bare first in even rounds, jitckpt first
-in odd ones), so they share the machine's conditions. Each round runs
---warmup untimed steps and then --steps timed ones per mode. Rank 0 times
-every iteration with time.perf_counter; the time of an iteration includes
-advancing the step iterator, where jitckpt does its step-boundary work.
+with --worker. In every round each worker builds a fresh copy of the
+training setup (model, DDP, optimizer, scheduler, loader) per mode and runs
+--warmup untimed then --steps timed iterations with it; bare goes first in
+even rounds, jitckpt in odd ones, so both modes see the same machine. Fresh
+copies keep the modes apart: a DDP model takes one comm hook only,
+JitCheckpoint's hooks stay on its own model and optimizer, and its side
+threads (watchdog, heartbeat) end with its ``steps()`` loop, so a bare round
+never runs with any of them. Rank 0 times every iteration with
+time.perf_counter (and the process's CPU time, all threads); an iteration's
+time includes advancing the step iterator, where jitckpt does its
+step-boundary work.
 
-How to read it: the per-round table shows the median step time of each mode
-and their ratio; the round-to-round spread of that ratio is the noise of the
-measurement. The summary gives the median of the per-round ratios (the
-headline number, robust to a round disturbed by the machine) and the ratio of
-the medians over all timed steps. Goal: ratio <= 1.01 at 4 ranks, i.e.
-jitckpt costs at most 1% of a step. On a 2-core machine, 4 ranks take about
-30 ms per step; the noise of one round there is about 1%, so trust the median
-of many rounds, not any single round.
+How to read it: each round's line gives the median step time of both modes
+and their ratio; the spread of that ratio over rounds is the noise. The
+headline is the median of the per-round ratios, with the standard error of
+their mean as its resolution; the ratio of the medians over all timed steps
+and of the median CPU times per step are given beside it. Goal: ratio <= 1.01
+at 4 ranks (jitckpt costs at most 1% of a step). 4 ranks on 2 cores take
+about 0.29 s per step of this model and one round's ratio scatters by a few
+percent even on an otherwise idle machine, so the default run resolves about
++-2%: a ratio within that of 1.0 means the overhead is below what the
+machine can measure, not that it is exactly zero. Other work on the machine
+(check the load average printed at the end) makes every number noisier.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import importlib.util
@@ -59,9 +67,9 @@ MODES = ("bare", "jitckpt")
 # The overhead the project aims for: jitckpt may cost at most 1% of a step.
 GOAL_RATIO = 1.01
 # Defaults sized for 4 ranks on 2 cores, where a step of the example takes
-# about 0.27 s: 2 modes x 8 rounds x (4 + 30) steps is about 150 s of
+# about 0.29 s: 2 modes x 8 rounds x (3 + 27) steps is about 140 s of
 # training, plus about 10 s to launch and 1 s per round to build the setups.
-DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_ROUNDS = 30, 4, 8
+DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_ROUNDS = 27, 3, 8
 # --quick: 2 modes x 2 rounds x (2 + 8) steps, about 25 s in all.
 QUICK_STEPS, QUICK_WARMUP, QUICK_ROUNDS = 8, 2, 2
 # Wall-clock bound of the whole torchrun job; a hung job is killed after it.
@@ -122,7 +130,7 @@ def build_setup(example: ModuleType, mode: str, total: int, run_dir: Path) -> Se
 
     torch.manual_seed(0)
     dataset = example.BigramSequences(vocab=256, length=64, size=4096)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+    sampler: DistributedSampler[int] = DistributedSampler(dataset, shuffle=True, seed=0)
     loader = StatefulDataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
     model = DDP(example.GPT())
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
@@ -233,22 +241,21 @@ def worker(args: argparse.Namespace) -> None:
 
 # -- launcher and report -------------------------------------------------------------
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop torchrun and, through it, its workers (see die_with_parent)."""
-    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(grace)
-            if sig == signal.SIGTERM:
-                # torchrun is gone; anything still in its group goes too.
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
+    """Stop torchrun's process group, if anything of it is left: SIGTERM
+    first (torchrun then stops its workers, which run in sessions of their
+    own), SIGKILL after STOP_GRACE_S. Workers whose torchrun is SIGKILLed die
+    with it (die_with_parent)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def launch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -282,8 +289,29 @@ def launch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     finally:
         stop(proc)
     if code != 0 or not result.exists():
+        for line in jitckpt_detections(workdir / "runs"):
+            print(f"overhead: {line}", file=sys.stderr)
         raise SystemExit(f"overhead: the torchrun job failed (exit status {code})")
     return json.loads(result.read_text())
+
+
+def jitckpt_detections(run_root: Path) -> list[str]:
+    """What jitckpt itself detected in the jitckpt rounds (e.g. a hang declared
+    because the loaded machine stalled a step past the watchdog's timeout):
+    the run directories are deleted after the job, so report it now."""
+    from jitckpt.events import read_events
+
+    lines = []
+    for run_dir in sorted(run_root.glob("*")):
+        for event in read_events(run_dir):
+            if event.get("event") in ("detect", "save_skipped", "warning"):
+                fields = ", ".join(
+                    f"{key}={event[key]}"
+                    for key in ("rank", "cause", "detail", "reason")
+                    if key in event
+                )
+                lines.append(f"{run_dir.name}: jitckpt {event['event']}: {fields}")
+    return lines
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -316,6 +344,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         }
     ratios = [r["ratio"] for r in per_round]
     median_of_ratios = statistics.median(ratios)
+    stderr = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else math.nan
     bare, jit = modes["bare"], modes["jitckpt"]
     return {
         "world_size": raw["world_size"],
@@ -327,6 +356,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "ratio_median_of_rounds": median_of_ratios,
         "ratio_round_min": min(ratios),
         "ratio_round_max": max(ratios),
+        "ratio_round_stderr": stderr,
         "ratio_of_medians": jit["median_s"] / bare["median_s"],
         "ratio_of_means": jit["mean_s"] / bare["mean_s"],
         "cpu_ratio_of_medians": jit["cpu_median_s"] / bare["cpu_median_s"],
@@ -372,7 +402,8 @@ def report(summary: dict[str, Any]) -> str:
         "(CPU ms: median CPU time of rank 0's process per step, all its threads)",
         "",
         f"ratio jitckpt/bare, median of per-round ratios: {summary['ratio_median_of_rounds']:.4f} "
-        f"(rounds {summary['ratio_round_min']:.4f} .. {summary['ratio_round_max']:.4f})",
+        f"(rounds {summary['ratio_round_min']:.4f} .. {summary['ratio_round_max']:.4f}, "
+        f"standard error {summary['ratio_round_stderr']:.4f})",
         f"ratio of medians over all steps:                {summary['ratio_of_medians']:.4f} "
         f"({summary['overhead_median_ms']:+.2f} ms per step)",
         f"ratio of means over all steps:                  {summary['ratio_of_means']:.4f}",
@@ -450,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = summarize(raw)
+    summary["raw_rounds"] = raw["rounds"]  # every timed step, seconds (wall and CPU)
     summary["config"] = {
         "nproc": args.nproc,
         "steps": args.steps,
