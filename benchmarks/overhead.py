@@ -61,6 +61,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from _common import source_state
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 MODES = ("bare", "jitckpt")
@@ -412,20 +414,6 @@ def report(summary: dict[str, Any]) -> str:
         f"goal: median of per-round ratios <= {GOAL_RATIO} at 4 ranks -> {verdict}",
     ]
     return "\n".join(lines)
-
-
-def source_state() -> str:
-    """The commit the measured jitckpt comes from, marked if the tree is edited."""
-    try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -101,6 +101,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import source_state
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 BASELINE_WORKER = Path(__file__).resolve().parent / "periodic_baseline.py"
@@ -608,20 +610,6 @@ def report(result: dict[str, Any]) -> str:
         first_line = drill["error"].splitlines()[0] if drill["error"] else "?"
         lines.append(f"  FAILED {drill['mode']} drill {drill['drill']}: {first_line}")
     return "\n".join(lines)
-
-
-def source_state() -> str:
-    """The commit the measured jitckpt comes from, marked if the tree is edited."""
-    try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # -- main -----------------------------------------------------------------------------
