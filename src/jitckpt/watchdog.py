@@ -67,8 +67,15 @@ class Heartbeat:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, join_timeout: float = 2.0) -> None:
+        """Stop and wait for the thread. It must not be inside a store call
+        when the interpreter shuts down: a daemon thread that returns from
+        C++ into a finalizing interpreter is unwound through a noexcept frame
+        and the process aborts ("terminate called without an active
+        exception", seen at the end of a run)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(join_timeout)
 
     def _run(self) -> None:
         while not self._stop.is_set():
