@@ -59,6 +59,7 @@ class Launch:
     returncode: int
     output: str
     seconds: float
+    leftovers: list[int]  # tagged processes still alive when the command returned (then killed)
 
     def resumed_steps(self) -> list[int]:
         return [int(m) for m in re.findall(r"^jitckpt: resumed from step (\d+)", self.output, re.M)]
@@ -94,8 +95,7 @@ def run_tagged(
     finally:
         leftovers = kill_tagged(tag)
     text = output.decode(errors="replace")
-    assert not leftovers or proc.returncode is not None, leftovers
-    return Launch(proc.returncode, text, time.monotonic() - started)
+    return Launch(proc.returncode, text, time.monotonic() - started, leftovers)
 
 
 def jitckpt_run(

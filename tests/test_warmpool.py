@@ -345,35 +345,14 @@ def test_a_launch_through_the_pool_leaves_no_process(tmp_path: Path) -> None:
     """A 2-rank job with a kill (so restarted workers are forked too) uses the
     pool and leaves nothing running: the zygote and every worker carry the
     launcher's tag, and all are gone when the launcher returns."""
-    tag = uuid.uuid4().hex
-    cmd = [
-        sys.executable,
-        "-m",
-        "jitckpt",
-        "run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--inject",
-        "kill@step=3,rank=1",
-        str(TINY),
-        "--steps",
-        "5",
-        "--run-dir",
-        str(tmp_path / "run"),
-    ]
-    env = client_env(None, JITCKPT_TEST_TAG=tag, PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=240, start_new_session=True
-        )
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, output[-5000:]
-        assert "resumed from step 3" in output, output[-5000:]
-        assert FALLBACK_LINE not in output
-        assert _pids_with_tag(tag) == []
-    finally:
-        kill_tagged(tag)
+    launch = jitckpt_run(
+        "--inject", "kill@step=3,rank=1", str(TINY), "--steps", "5", "--run-dir", str(tmp_path / "run"),
+        nproc=2, env=client_env(None),
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    assert "resumed from step 3" in launch.output, show(launch)
+    assert FALLBACK_LINE not in launch.output
+    assert launch.leftovers == [], "the launcher returned while its processes still ran"
 
 
 @pytest.mark.parametrize("flag", [[], ["--no-warm-pool"]], ids=["pool", "no-pool"])
