@@ -363,6 +363,9 @@ class JitCheckpoint:
             self.periodic.save(step, lambda: self.state.snapshot(step, self.rank, snapshot))
         self.injector.at("data", step)
 
+    def _count_gradient(self, _parameter: Any) -> None:
+        self.tracker.progress += 1
+
     def _reseed_forward(self, *_: Any) -> None:
         # One stream per forward of the step: micro-batches of gradient
         # accumulation must not share dropout masks.
@@ -433,8 +436,17 @@ class JitCheckpoint:
                 model.register_comm_hook(
                     None, CanonicalAllreduce(list(model.parameters()), on_bucket).hook
                 )
-            else:
+            elif injector.wants("allreduce"):
                 model.register_comm_hook(None, observed_allreduce_hook(on_bucket))
+            else:
+                # Keep DDP's built-in C++ all-reduce (a Python hook costs ~1 ms
+                # a step here: it launches from Python and adds a division pass
+                # DDP otherwise fuses into its bucket copy). The watchdog's
+                # progress inside backward comes from gradient accumulation
+                # instead: a rank hung in backward has accumulated fewer.
+                for parameter in model.parameters():
+                    if parameter.requires_grad:
+                        parameter.register_post_accumulate_grad_hook(self._count_gradient)
         elif self.world_size > 1:
             self.events.emit("warning", detail="model is not DistributedDataParallel")
 
