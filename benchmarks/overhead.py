@@ -30,11 +30,14 @@ headline is the median of the per-round ratios, with the standard error of
 their mean as its resolution; the ratio of the medians over all timed steps
 and of the median CPU times per step are given beside it. Goal: ratio <= 1.01
 at 4 ranks (jitckpt costs at most 1% of a step). 4 ranks on 2 cores take
-about 0.29 s per step of this model and one round's ratio scatters by a few
-percent even on an otherwise idle machine, so the default run resolves about
-+-2%: a ratio within that of 1.0 means the overhead is below what the
-machine can measure, not that it is exactly zero. Other work on the machine
-(check the load average printed at the end) makes every number noisier.
+about 0.29 s per step of this model, and one round's ratio scatters by 5-10%
+on a quiet machine, so a default run resolves about +-2-4%: a ratio within
+that of 1.0 says the overhead is below what this machine can measure, not
+that it is below 1%. CPU time is no cleaner: with 4 ranks on 2 cores each
+rank's CPU time per step grows with the wall time (about half of it) and
+with any other work sharing the cores. Other work on the machine (see the
+load average printed at the end) makes every number noisier; a burst during
+one round shows up as one outlying ratio.
 """
 
 from __future__ import annotations
