@@ -42,49 +42,57 @@ def manifest(step: int, rank: int = 0) -> dict:
 
 
 def test_write_is_atomic_and_verified(tmp_path: Path) -> None:
-    path = storage.write_checkpoint(tmp_path, manifest(3), b"payload-bytes")
+    path = storage.run_storage(tmp_path).write(manifest(3), b"payload-bytes")
     assert path.name == "step-000000003-jit-a0-r0"
-    assert storage.verify(path)["files"]["state.pt"]["size"] == len(b"payload-bytes")
+    store = storage.run_storage(tmp_path)
+    found = store.find(path.name)
+    assert found is not None and found.manifest["files"]["state.pt"]["size"] == len(
+        b"payload-bytes"
+    )
+    assert store.read_verified(found) == b"payload-bytes"
     assert not list(storage.checkpoints_dir(tmp_path).glob(".tmp-*"))
 
 
 def test_interrupted_write_leaves_no_candidate(tmp_path: Path) -> None:
-    storage.write_checkpoint(tmp_path, manifest(1), b"old")
+    storage.run_storage(tmp_path).write(manifest(1), b"old")
 
     def die(point: str) -> None:
         if point == "payload_written":
             raise KeyboardInterrupt  # stands for the process dying before the manifest
 
     with pytest.raises(KeyboardInterrupt):
-        storage.write_checkpoint(tmp_path, manifest(2), b"new", on_point=die)
-    found = storage.candidates(tmp_path)
+        storage.run_storage(tmp_path).write(manifest(2), b"new", on_point=die)
+    found = storage.run_storage(tmp_path).candidates()
     assert [c.step for c in found] == [1]
-    storage.remove_stale_temporaries(tmp_path)
+    storage.run_storage(tmp_path).remove_stale_temporaries()
     assert not list(storage.checkpoints_dir(tmp_path).glob(".tmp-*"))
 
 
 def test_garbled_and_foreign_manifests_are_refused_with_reasons(tmp_path: Path) -> None:
-    good = storage.write_checkpoint(tmp_path, manifest(1), b"x")
-    garbled = storage.write_checkpoint(tmp_path, manifest(2), b"y")
+    good = storage.run_storage(tmp_path).write(manifest(1), b"x")
+    garbled = storage.run_storage(tmp_path).write(manifest(2), b"y")
     (garbled / storage.MANIFEST).write_text("{not json")
-    foreign = storage.write_checkpoint(tmp_path, manifest(3), b"z")
+    foreign = storage.run_storage(tmp_path).write(manifest(3), b"z")
     data = json.loads((foreign / storage.MANIFEST).read_text())
     data["format"] = "someone-else/9"
     (foreign / storage.MANIFEST).write_text(json.dumps(data))
-    results = [(c.step, problem) for c, _, problem in storage.iter_valid(tmp_path)]
+    results = [(c.step, problem) for c, _, problem in storage.run_storage(tmp_path).iter_valid()]
     assert results[0] == (1, None)
     problems = sorted(p for _, p in results[1:])
     assert any("not valid JSON" in p and str(garbled) in p for p in problems)
     assert any("not a jitckpt/1 manifest" in p and str(foreign) in p for p in problems)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         (good / storage.PAYLOAD).write_bytes(b"q")
-        storage.verify(good)
+        store = storage.run_storage(tmp_path)
+        store.read_verified(store.find(good.name))
 
 
 def test_newest_step_wins_then_lowest_rank(tmp_path: Path) -> None:
     for step, rank in [(4, 3), (5, 2), (5, 1), (3, 0)]:
-        storage.write_checkpoint(tmp_path, manifest(step, rank), b"p")
-    assert [(c.step, c.manifest["writer_rank"]) for c in storage.candidates(tmp_path)] == [
+        storage.run_storage(tmp_path).write(manifest(step, rank), b"p")
+    assert [
+        (c.step, c.manifest["writer_rank"]) for c in storage.run_storage(tmp_path).candidates()
+    ] == [
         (5, 1),
         (5, 2),
         (4, 3),

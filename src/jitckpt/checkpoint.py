@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -36,6 +35,7 @@ from jitckpt.errors import (
     EXIT_SAVED_AND_STOPPED,
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointWriteError,
     InjectedFault,
     JitckptError,
     RunDirError,
@@ -44,6 +44,8 @@ from jitckpt.events import EventLog
 from jitckpt.inject import ENV_VAR as INJECT_ENV
 from jitckpt.inject import Injector, parse_specs
 from jitckpt.periodic import PeriodicSaver
+from jitckpt.rundir import prepare_run_dir, run_id
+from jitckpt.staging import Staging, resolve_stage_dir
 from jitckpt.state import Stateful, TrainingState, check_signature, decode, model_signature
 from jitckpt.tracker import StepTracker
 from jitckpt.watchdog import Heartbeat, Watchdog, read_suspects
@@ -58,6 +60,9 @@ DIRTY_WAIT_STEPS = 3.0
 # How long a hang detector may spend reading heartbeats to name suspects
 # before it saves anyway.
 SUSPECTS_DEADLINE_S = 1.0
+# How long a rank waits for a checkpoint staged on another node to reach
+# durable storage (its persister is copying it).
+PERSIST_WAIT_S = 120.0
 # Exit status of a rank that saved (or tried to) after a failure it saw.
 EXIT_AFTER_FAILURE = 1
 # Substrings of errors raised by a collective whose peer died.
@@ -69,28 +74,6 @@ _COLLECTIVE_ERROR_MARKERS = (
     "Connection closed",
     "Broken pipe",
 )
-
-
-def prepare_run_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """Create the run directory and prove it is writable, or raise RunDirError."""
-    path = Path(run_dir)
-    if path.exists() and not path.is_dir():
-        raise RunDirError(
-            f"run directory {path} exists and is not a directory; pass a directory path"
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise RunDirError(
-            f"run directory {path} is not writable ({exc.strerror or exc}); checkpoints could "
-            f"not be saved there. Pass a writable --run-dir."
-        ) from None
-    return path
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -140,6 +123,9 @@ class JitCheckpoint:
             also checkpoint every N steps / T seconds, asynchronously, for
             failures no replica survives (see jitckpt.periodic).
         keep_periodic, keep_jit: how many steps of each kind to keep on disk.
+        stage_dir: stage JIT saves in this directory of host shared memory
+            (e.g. "/dev/shm"; default: $JITCKPT_STAGE_DIR, else off) and
+            persist them to run_dir in the background (see jitckpt.staging).
     """
 
     def __init__(
@@ -159,6 +145,7 @@ class JitCheckpoint:
         save_every_s: float | None = None,
         keep_periodic: int = 2,
         keep_jit: int = 2,
+        stage_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._ready = False
         self._forwards_in_step = 0
@@ -166,6 +153,12 @@ class JitCheckpoint:
         self._previous_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
         self.run_dir = prepare_run_dir(run_dir)
+        self.run_id = run_id(self.run_dir)
+        self.storage = storage.run_storage(self.run_dir)
+        stage_root = resolve_stage_dir(stage_dir)
+        self.staging = (
+            Staging(stage_root, self.run_id, self.storage, self.run_dir) if stage_root else None
+        )
         self.rank, self.world_size = _rank_and_world()
         self.attempt = distributed.attempt()
         self.deterministic = deterministic
@@ -200,7 +193,7 @@ class JitCheckpoint:
         self.keep_jit = keep_jit
         self.periodic = (
             PeriodicSaver(
-                self.run_dir, save_every, save_every_s, self._manifest, self.events, keep_periodic
+                self.storage, save_every, save_every_s, self._manifest, self.events, keep_periodic
             )
             if (save_every or save_every_s) and self.rank == 0
             else None
@@ -248,6 +241,8 @@ class JitCheckpoint:
         self._stop_watching()
         if self.periodic is not None:
             self.periodic.wait()
+        if self.staging is not None:
+            self.staging.remove_all()
         self._ready = False
         signals.set_callback(None)
         self.events.emit("finish", step=total)
@@ -287,22 +282,33 @@ class JitCheckpoint:
                 self._mark_saving()
             payload = self.state.capture(position.completed, self.rank, snapshot)
             manifest = dict(self._manifest(position.completed), kind="jit", reason=reason)
-            path = storage.write_checkpoint(
-                self.run_dir,
-                manifest,
-                payload,
-                on_point=lambda point: (
-                    self.injector.at("save", position.completed)
-                    if point == "payload_written"
-                    else None
-                ),
+            target = self.staging.storage if self.staging is not None else self.storage
+            try:
+                path = target.write(
+                    manifest,
+                    payload,
+                    on_point=lambda point: (
+                        self.injector.at("save", position.completed)
+                        if point == "payload_written"
+                        else None
+                    ),
+                )
+            except CheckpointWriteError as exc:
+                self._warn("save_failed", step=position.completed, error=str(exc))
+                return None
+            persister = (
+                self.staging.persist_in_background(path, self.rank, self.attempt)
+                if self.staging is not None
+                else None
             )
             self.events.emit(
                 "save",
                 kind="jit",
                 step=position.completed,
                 path=str(path),
-                bytes=len(payload),
+                bytes=payload.size,
+                staged=self.staging is not None,
+                persister_pid=persister,
                 duration=time.monotonic() - started,
                 # Audit trail: the restore logs the same digest of what it loaded.
                 digest=state_digest(self.state.model, self.state.optimizer),
@@ -340,6 +346,7 @@ class JitCheckpoint:
             "created": time.time(),
             "torch_version": torch.__version__,
             "jitckpt_version": __version__,
+            "run_id": self.run_id,
             "model_signature": model_signature(self.state.model),
         }
 
@@ -358,7 +365,9 @@ class JitCheckpoint:
             self.events.emit("first_step_done", step=step)
             if self.rank == 0:
                 # The resume worked: older JIT copies are no longer needed.
-                storage.prune(self.run_dir, "jit", self.keep_jit, keep_from_step=self.start_step)
+                self.storage.prune("jit", self.keep_jit, keep_from_step=self.start_step)
+            if self.staging is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+                self.staging.remove_persisted()
         if self.periodic is not None and step > self.start_step and self.periodic.due(step):
             self.periodic.save(step, lambda: self.state.snapshot(step, self.rank, snapshot))
         self.injector.at("data", step)
@@ -474,15 +483,16 @@ class JitCheckpoint:
     # -- restore ------------------------------------------------------------------
     def _restore(self) -> int:
         started = time.monotonic()
-        path, payload = self._choose_checkpoint()
-        if path is None:
+        chosen, payload = self._choose_checkpoint()
+        if chosen is None:
             self.events.emit("fresh_start")
             return 0
-        manifest = storage.read_manifest(path)
+        path, manifest = chosen.path, chosen.manifest
+        assert manifest is not None
         check_signature(manifest["model_signature"], self.state.model, str(path))
         self.injector.at("restore", int(manifest["step"]))
         if payload is None:
-            payload = decode(storage.read_verified(path, manifest), str(path / storage.PAYLOAD))
+            payload = decode(self.storage.read_verified(chosen), str(path / storage.PAYLOAD))
         try:
             self.state.restore(payload, str(path))
         except CheckpointError:
@@ -509,6 +519,7 @@ class JitCheckpoint:
             step=step,
             kind=manifest["kind"],
             path=str(path),
+            source=self._source(chosen),
             duration=time.monotonic() - started,
             saved_world_size=int(manifest["world_size"]),
             digest=state_digest(self.state.model, self.state.optimizer),
@@ -520,7 +531,16 @@ class JitCheckpoint:
             )
         return step
 
-    def _choose_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
+    def _source(self, candidate: storage.Candidate) -> str:
+        staged = self.staging is not None and candidate.path.parent == self.staging.storage.root
+        return "staged" if staged else "durable"
+
+    def _sources(self) -> list[storage.DirectoryStorage]:
+        """Where checkpoints are looked for, preferred first."""
+        staged = [self.staging.storage] if self.staging is not None else []
+        return [*staged, self.storage]
+
+    def _choose_checkpoint(self) -> tuple[storage.Candidate | None, dict[str, Any] | None]:
         """Rank 0 picks the newest valid checkpoint and tells the others
         through the store, so every rank loads the same one."""
         use_store = self._uses_store()
@@ -533,35 +553,68 @@ class JitCheckpoint:
                 raise CheckpointError(f"rank 0 could not choose a checkpoint: {choice['error']}")
             if not choice["name"]:
                 return None, None
-            # Only a name travels: each rank resolves it under its own run dir
-            # and checks it is the very checkpoint rank 0 verified.
-            chosen = storage.checkpoints_dir(self.run_dir) / Path(choice["name"]).name
-            manifest = storage.read_manifest_or_explain(chosen, shared_hint=True)
-            if manifest["files"][storage.PAYLOAD]["sha256"] != choice["sha256"]:
-                raise CheckpointError(
-                    f"{chosen}: differs from the checkpoint rank 0 chose (another checksum); "
-                    f"do all ranks see the same --run-dir?"
-                )
-            return chosen, None
+            return self._resolve(choice["name"], choice["checksum"]), None
         try:
-            path, payload = self._newest_valid()
+            chosen, payload = self._newest_valid()
         except JitckptError as exc:
             if use_store:
                 distributed.attempt_store().set(key, json.dumps({"error": str(exc)}))
             raise
         if use_store:
-            sha = storage.read_manifest(path)["files"][storage.PAYLOAD]["sha256"] if path else None
-            choice = {"name": path.name if path else None, "sha256": sha}
+            choice = {
+                "name": chosen.name if chosen else None,
+                "checksum": chosen.checksum if chosen else None,
+            }
             distributed.attempt_store().set(key, json.dumps(choice))
-        storage.remove_stale_temporaries(self.run_dir)
-        return path, payload
+        self.storage.remove_stale_temporaries()
+        return chosen, payload
 
-    def _newest_valid(self) -> tuple[Path | None, dict[str, Any] | None]:
-        """The newest checkpoint that verifies and decodes safely, decoded."""
-        for candidate, data, problem in storage.iter_valid(self.run_dir):
-            payload = None
-            if problem is None and data is not None:
+    def _resolve(self, name: str, checksum: str) -> storage.Candidate:
+        """Rank 0's choice, found in this rank's own storage. Only a name
+        travels: each rank checks it holds the very checkpoint rank 0
+        verified. A copy staged on another node appears in durable storage
+        once its persister is done, so it is waited for, bounded."""
+        deadline = time.monotonic() + PERSIST_WAIT_S
+        while True:
+            for source in self._sources():
+                found = source.find(name)
+                if found is not None and found.checksum == checksum:
+                    return found
+                if found is not None and found.manifest is not None:
+                    raise CheckpointError(
+                        f"{found.path}: differs from the checkpoint rank 0 chose (another "
+                        f"checksum); do all ranks see the same --run-dir?"
+                    )
+            if self.staging is None or time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"{self.storage.root / name}: chosen by rank 0 but not present on this rank; "
+                    f"do all ranks see the same --run-dir (a shared filesystem at the same path)?"
+                )
+            time.sleep(0.05)
+
+    def _newest_valid(self) -> tuple[storage.Candidate | None, dict[str, Any] | None]:
+        """The newest checkpoint that verifies and decodes safely, decoded.
+        Staged copies come first among copies of the same step."""
+        ranked = sorted(
+            (
+                (candidate.sort_key(), preference, source, candidate)
+                for preference, source in enumerate(self._sources())
+                for candidate in source.candidates()
+            ),
+            key=lambda entry: (entry[0], entry[1]),
+        )
+        for _key, _preference, source, candidate in ranked:
+            problem, payload = candidate.problem, None
+            recorded = (candidate.manifest or {}).get("run_id")
+            if problem is None and recorded not in (None, self.run_id):
+                problem = (
+                    f"written by another run (run id {recorded}; this run directory's is "
+                    f"{self.run_id}): copied in from elsewhere? Not loaded. To continue that "
+                    f"run, use its own run directory (or a full copy of it)"
+                )
+            if problem is None:
                 try:
+                    data = source.read_verified(candidate)
                     payload = decode(data, str(candidate.path / storage.PAYLOAD))
                 except CheckpointError as exc:
                     problem = str(exc)
@@ -577,7 +630,7 @@ class JitCheckpoint:
             check_signature(
                 manifest.get("model_signature", {}), self.state.model, str(candidate.path)
             )
-            return candidate.path, payload
+            return candidate, payload
         return None, None
 
     # -- failures -------------------------------------------------------------------

@@ -22,6 +22,11 @@ class CheckpointMismatchError(CheckpointError):
     Nothing is loaded or overwritten when this is raised."""
 
 
+class CheckpointWriteError(JitckptError):
+    """A checkpoint could not be written (disk full, I/O error). The partial
+    copy is removed; older checkpoints are untouched."""
+
+
 class FaultSpecError(JitckptError, ValueError):
     """A fault-injection SPEC does not parse."""
 

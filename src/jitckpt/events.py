@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ class EventLog:
         self.path = Path(run_dir) / EVENTS_FILE
         self.fields = fields
         self._fd: int | None = None
+        self._lost = 0
         self._lock = threading.Lock()  # several threads log (training, watchdog, signals)
 
     def emit(self, event: str, **data: Any) -> dict[str, Any]:
@@ -36,9 +38,21 @@ class EventLog:
         record.update(data)
         line = (json.dumps(record, default=str) + "\n").encode()
         with self._lock:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(self._fd, line)
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.write(self._fd, line)
+            except OSError as exc:
+                # A full disk must not turn logging into a second failure
+                # (the save path logs while handling the first one).
+                if not self._lost:
+                    print(
+                        f"jitckpt: event log {self.path} not writable ({exc}); "
+                        f"events are being lost",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                self._lost += 1
         return record
 
     def close(self) -> None:

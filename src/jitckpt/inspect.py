@@ -29,14 +29,15 @@ def main(argv: list[str]) -> int:
         print(f"jitckpt inspect: {run_dir} is not a directory", file=sys.stderr)
         return 2
     rows: list[dict[str, Any]] = []
-    for candidate in storage.candidates(run_dir):
+    store = storage.run_storage(run_dir)
+    for candidate in store.candidates():
         problem = candidate.problem
         if problem is None and candidate.manifest is not None:
             try:
                 if args.verify:
-                    storage.read_verified(candidate.path, candidate.manifest)
+                    store.read_verified(candidate)
                 else:
-                    storage.check_sizes(candidate.path, candidate.manifest)
+                    store.check_sizes(candidate)
             except CheckpointError as exc:
                 problem = str(exc)
         m = candidate.manifest or {}

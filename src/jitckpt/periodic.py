@@ -16,18 +16,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from jitckpt import storage
-from jitckpt.state import serialize
+from jitckpt.archive import Archive
+from jitckpt.errors import CheckpointWriteError
+from jitckpt.storage import Storage
 
 
 class PeriodicSaver:
     """Decides when a periodic checkpoint is due and writes it in the background.
 
     Args:
-        run_dir: the run directory.
+        storage: where checkpoints go (the run directory's).
         every_steps: save when the completed step count is a multiple of this.
         every_s: save when this many seconds passed since the last save.
         manifest: builds the manifest for a step (kind is set here).
@@ -37,14 +37,14 @@ class PeriodicSaver:
 
     def __init__(
         self,
-        run_dir: Path,
+        storage: Storage,
         every_steps: int | None,
         every_s: float | None,
         manifest: Callable[[int], dict[str, Any]],
         events: Any,
         keep: int,
     ) -> None:
-        self.run_dir = run_dir
+        self.storage = storage
         self.every_steps = every_steps
         self.every_s = every_s
         self.manifest = manifest
@@ -76,10 +76,10 @@ class PeriodicSaver:
     def _write(self, step: int, tree: dict[str, Any], blocked_s: float) -> None:
         started = time.monotonic()
         try:
-            payload = serialize(tree)
+            payload = Archive(tree)
             manifest = dict(self.manifest(step), kind="periodic")
-            path = storage.write_checkpoint(self.run_dir, manifest, payload)
-        except Exception as exc:  # noqa: BLE001 - the backstop must say it is off, not vanish
+            path = self.storage.write(manifest, payload)
+        except (CheckpointWriteError, Exception) as exc:  # noqa: BLE001 - the backstop must say it is off, not vanish
             self.events.emit("periodic_failed", step=step, error=f"{type(exc).__name__}: {exc}")
             print(f"jitckpt: periodic checkpoint of step {step} failed: {exc}", flush=True)
             return
@@ -88,11 +88,11 @@ class PeriodicSaver:
             kind="periodic",
             step=step,
             path=str(path),
-            bytes=len(payload),
+            bytes=payload.size,
             blocked_s=blocked_s,
             duration=time.monotonic() - started,
         )
-        storage.prune(self.run_dir, "periodic", self.keep)
+        self.storage.prune("periodic", self.keep)
 
     def wait(self, timeout: float | None = None) -> None:
         """Let a write in flight finish (at the end of training)."""

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
-from jitckpt import rng
+from jitckpt import archive, rng
+from jitckpt.archive import Archive
 from jitckpt.errors import CheckpointError, CheckpointMismatchError
 
 
@@ -76,10 +77,11 @@ class TrainingState:
     data: Stateful | None = None
     extras: dict[str, Stateful] = field(default_factory=dict)
 
-    def capture(self, step: int, rank: int, boundary: Mapping[str, Any]) -> bytes:
-        """Serialize the state of ``step`` (completed iterations) to bytes.
-        ``boundary`` holds what was snapshotted at that step's boundary."""
-        return serialize(self.tree(step, rank, boundary))
+    def capture(self, step: int, rank: int, boundary: Mapping[str, Any]) -> Archive:
+        """The state of ``step`` (completed iterations), laid out for writing
+        straight from the live tensors. ``boundary`` holds what was
+        snapshotted at that step's boundary."""
+        return Archive(self.tree(step, rank, boundary))
 
     def snapshot(self, step: int, rank: int, boundary: Mapping[str, Any]) -> dict[str, Any]:
         """A private copy of the state (tensors cloned), for a background
@@ -136,12 +138,6 @@ class TrainingState:
             obj.load_state_dict(payload["extras"][name])
 
 
-def serialize(tree: Mapping[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(dict(tree), buffer)
-    return buffer.getvalue()
-
-
 def _clone_tensors(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
@@ -154,11 +150,18 @@ def _clone_tensors(value: Any) -> Any:
     return value
 
 
-def decode(data: bytes, where: str) -> dict[str, Any]:
-    """Decode a payload without running any pickled code: weights_only
-    loading refuses every object other than tensors and plain containers."""
+def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
+    """Decode a payload without running any code from it: a jitckpt archive
+    is JSON plus raw tensor bytes; a torch.save payload (written by other
+    tools or copied in) goes through weights_only loading, which refuses
+    every object other than tensors and plain containers."""
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if archive.is_archive(data):
+            payload = archive.load(data, where)
+        else:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

@@ -1,26 +1,35 @@
-"""Checkpoints on a filesystem: layout, atomic writes, verification.
+"""Where checkpoints live: layout, atomic writes, verification, retention.
 
-A checkpoint is a directory ``RUN_DIR/checkpoints/step-<N>-<kind>-a<attempt>-r<rank>``
-holding ``state.pt`` (the payload) and ``manifest.json`` (written last). It
-is written under a temporary name, every file and the directory fsynced,
-then renamed into place, and the parent directory fsynced: a checkpoint
-exists only once it is complete, and a writer killed mid-save leaves at most
-a ``.tmp-*`` directory that readers ignore and rank 0 removes when the job
-next starts.
+A checkpoint is a directory ``<root>/step-<N>-<kind>-a<attempt>-r<rank>``
+holding ``state.pt`` (the payload, a jitckpt.archive) and ``manifest.json``
+(written last). It is written under a temporary name, every file and the
+directory fsynced, then renamed into place, and the parent directory
+fsynced: a checkpoint exists only once it is complete, and a writer killed
+mid-save leaves at most a ``.tmp-*`` directory that readers ignore and the
+next job start removes. A failed write (a full disk) removes its temporary
+directory and leaves every older checkpoint as it was.
+
+:class:`Storage` is the interface the rest of jitckpt uses;
+:class:`DirectoryStorage` implements it on a local or shared filesystem
+(the durable run directory, or host shared memory for staging). An object
+store would implement the same few methods, with a manifest object written
+last playing the part of the rename.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from jitckpt.errors import CheckpointError
+from jitckpt.errors import CheckpointError, CheckpointWriteError
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -28,7 +37,91 @@ PAYLOAD = "state.pt"
 FORMAT = "jitckpt/1"
 # Kinds, by preference when two checkpoints hold the same step.
 KINDS = ("jit", "periodic")
-_HASH_CHUNK = 1 << 22
+_READ_CHUNK = 1 << 24
+
+# Points of a write where a crash-consistency test (and the fault injector's
+# ``save`` phase, at "payload_written") can stop the writer.
+WRITE_POINTS = ("tmp_created", "payload_half", "payload_written", "manifest_written", "renamed")
+WritePointHook = Callable[[str], None]
+
+
+class Payload(Protocol):
+    """Bytes to store, produced in pieces (jitckpt.archive.Archive)."""
+
+    size: int
+
+    def chunks(self) -> Iterable[bytes | bytearray | memoryview]: ...
+
+
+class _Bytes:
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def chunks(self) -> Iterable[bytes | bytearray | memoryview]:
+        return (self.data,)
+
+
+@dataclass
+class Candidate:
+    """A checkpoint directory and what its manifest says (if readable)."""
+
+    path: Path
+    manifest: dict[str, Any] | None
+    problem: str | None  # why it cannot be used, if known without reading the payload
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"]) if self.manifest else -1
+
+    @property
+    def checksum(self) -> str | None:
+        """The payload's recorded checksum, as ``algorithm:hex``."""
+        if not self.manifest:
+            return None
+        return checksum_of(self.manifest["files"].get(PAYLOAD, {}))
+
+    def sort_key(self) -> tuple[int, int, int, int]:
+        m = self.manifest or {}
+        kind = KINDS.index(m["kind"]) if m.get("kind") in KINDS else len(KINDS)
+        return (-self.step, kind, -int(m.get("attempt", 0)), int(m.get("writer_rank", 0)))
+
+
+def checksum_of(entry: dict[str, Any]) -> str | None:
+    if "crc32" in entry:
+        return f"crc32:{entry['crc32']}"
+    if "sha256" in entry:
+        return f"sha256:{entry['sha256']}"
+    return None
+
+
+class Storage(Protocol):
+    """What jitckpt needs from a place that holds checkpoints."""
+
+    location: str
+
+    def write(
+        self,
+        manifest: dict[str, Any],
+        payload: Payload | bytes | bytearray,
+        on_point: WritePointHook | None = None,
+    ) -> Path: ...
+
+    def candidates(self) -> list[Candidate]: ...
+
+    def find(self, name: str) -> Candidate | None: ...
+
+    def read_verified(self, candidate: Candidate) -> bytearray: ...
+
+    def check_sizes(self, candidate: Candidate) -> None: ...
+
+    def prune(self, kind: str, keep: int, keep_from_step: int | None = None) -> list[Path]: ...
+
+    def remove_stale_temporaries(self) -> None: ...
 
 
 def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -43,77 +136,228 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-# Points of a write where a crash-consistency test (and the fault injector's
-# ``save`` phase, at "payload_written") can stop the writer.
-WRITE_POINTS = ("tmp_created", "payload_half", "payload_written", "manifest_written", "renamed")
-WritePointHook = Callable[[str], None]
-
-
-def _write_file(path: Path, data: bytes, on_point: WritePointHook | None = None) -> None:
+def _write_file(
+    path: Path, payload: Payload, on_point: WritePointHook | None = None
+) -> tuple[int, str]:
+    """Write, fsync, and return (size, crc32 hex). ``on_point("payload_half")``
+    fires with exactly half the bytes on disk (mid-file for a crash test)."""
+    half = payload.size // 2 if on_point is not None else -1
+    written = 0
+    crc = 0
     with open(path, "wb") as handle:
-        half = len(data) // 2
-        handle.write(data[:half])
-        if on_point is not None:
-            handle.flush()
-            on_point("payload_half")
-        handle.write(data[half:])
+        for chunk in payload.chunks():
+            view = memoryview(chunk).cast("B")
+            if written <= half < written + len(view):
+                cut = half - written
+                handle.write(view[:cut])
+                handle.flush()
+                on_point("payload_half")  # type: ignore[misc]
+                handle.write(view[cut:])
+            else:
+                handle.write(view)
+            crc = zlib.crc32(view, crc)
+            written += len(view)
         handle.flush()
         os.fsync(handle.fileno())
+    if written != payload.size:
+        raise CheckpointWriteError(f"{path}: wrote {written} bytes, expected {payload.size}")
+    return written, f"{crc:08x}"
 
 
-def write_checkpoint(
-    run_dir: str | os.PathLike[str],
-    manifest: dict[str, Any],
-    payload: bytes,
-    on_point: WritePointHook | None = None,
-) -> Path:
-    """Write one checkpoint atomically and return its directory.
-    ``manifest`` must hold kind, step, attempt and writer_rank; the file table
-    and format are added here. ``on_point(name)`` is called at each of
-    WRITE_POINTS (for fault injection and crash tests)."""
-    point = on_point or (lambda _name: None)
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = (
-        f"step-{manifest['step']:09d}-{manifest['kind']}"
-        f"-a{manifest['attempt']}-r{manifest['writer_rank']}"
-    )
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    point("tmp_created")
-    _write_file(tmp / PAYLOAD, payload, on_point)
-    point("payload_written")
-    full = dict(manifest)
-    full["format"] = FORMAT
-    full["files"] = {PAYLOAD: {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
-    _write_file(tmp / MANIFEST, json.dumps(full, indent=1, sort_keys=True).encode())
-    point("manifest_written")
-    _fsync_path(tmp)
-    os.rename(tmp, final)
-    point("renamed")
-    _fsync_path(root)
-    return final
+class DirectoryStorage:
+    """Checkpoints as directories under ``root`` on a filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+
+    def write(
+        self,
+        manifest: dict[str, Any],
+        payload: Payload | bytes | bytearray,
+        on_point: WritePointHook | None = None,
+    ) -> Path:
+        """Write one checkpoint atomically and return its directory.
+        ``manifest`` must hold kind, step, attempt and writer_rank; the file
+        table and format are added here. ``on_point(name)`` is called at each
+        of WRITE_POINTS (fault injection and crash tests). Raises
+        CheckpointWriteError (with nothing left behind) if the write fails."""
+        body: Payload = _Bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
+        point = on_point or (lambda _name: None)
+        name = (
+            f"step-{manifest['step']:09d}-{manifest['kind']}"
+            f"-a{manifest['attempt']}-r{manifest['writer_rank']}"
+        )
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            point("tmp_created")
+            size, crc = _write_file(tmp / PAYLOAD, body, on_point)
+            point("payload_written")
+            full = dict(manifest, format=FORMAT, files={PAYLOAD: {"size": size, "crc32": crc}})
+            text = json.dumps(full, indent=1, sort_keys=True).encode()
+            _write_file(tmp / MANIFEST, _Bytes(text))
+            point("manifest_written")
+            _fsync_path(tmp)
+            if final.exists():  # the same step rewritten (a manual save twice)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
+        point("renamed")
+        _fsync_path(self.root)
+        return final
+
+    def _explain(self, exc: OSError, name: str, size: int) -> str:
+        where = f"checkpoint {name} in {self.root}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = shutil.disk_usage(self.root).free
+                room = f"; {free / 1e6:.1f} MB free, {size / 1e6:.1f} MB needed"
+            except OSError:
+                room = ""
+            return (
+                f"disk full while writing {where} ({exc.strerror}{room}). The partial copy was "
+                f"removed and older checkpoints are untouched. Free space there or point "
+                f"--run-dir at a larger volume."
+            )
+        return (
+            f"could not write {where}: {exc.strerror or exc}. The partial copy was removed "
+            f"and older checkpoints are untouched."
+        )
+
+    def candidates(self) -> list[Candidate]:
+        """Every checkpoint, newest step first. Temporary directories of
+        interrupted saves are not candidates."""
+        found: list[Candidate] = []
+        if not self.root.is_dir():
+            return found
+        for path in self.root.iterdir():
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            found.append(_candidate(path))
+        found.sort(key=Candidate.sort_key)
+        return found
+
+    def find(self, name: str) -> Candidate | None:
+        path = self.root / Path(name).name
+        return _candidate(path) if path.is_dir() else None
+
+    def read_verified(self, candidate: Candidate) -> bytearray:
+        """The payload's bytes, after checking size and checksum."""
+        if candidate.manifest is None:
+            raise CheckpointError(candidate.problem or f"{candidate.path}: no manifest")
+        entry = candidate.manifest["files"].get(PAYLOAD)
+        file_path = candidate.path / PAYLOAD
+        if entry is None:
+            raise CheckpointError(f"{candidate.path / MANIFEST}: lists no {PAYLOAD}")
+        try:
+            with open(file_path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                data = bytearray(size)
+                got = handle.readinto(data)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file_path}: file missing") from None
+        if got != entry["size"] or size != entry["size"]:
+            raise CheckpointError(
+                f"{file_path}: truncated or padded: {got} bytes, manifest says {entry['size']}"
+            )
+        expected = checksum_of(entry)
+        actual = _checksum(data, expected)
+        if actual != expected:
+            raise CheckpointError(
+                f"{file_path}: checksum mismatch ({actual}, manifest says {expected}): "
+                f"the file is corrupt"
+            )
+        return data
+
+    def check_sizes(self, candidate: Candidate) -> None:
+        """The cheap check: every listed file exists with its recorded size."""
+        if candidate.manifest is None:
+            raise CheckpointError(candidate.problem or f"{candidate.path}: no manifest")
+        for name, entry in candidate.manifest["files"].items():
+            file_path = candidate.path / name
+            try:
+                size = file_path.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointError(f"{file_path}: file missing") from None
+            if size != entry["size"]:
+                raise CheckpointError(
+                    f"{file_path}: truncated or padded: {size} bytes, manifest says {entry['size']}"
+                )
+
+    def iter_valid(self) -> Iterator[tuple[Candidate, bytearray | None, str | None]]:
+        """Candidates newest first, each with its verified payload or the
+        reason it was refused."""
+        for candidate in self.candidates():
+            if candidate.problem is not None or candidate.manifest is None:
+                yield candidate, None, candidate.problem
+                continue
+            try:
+                yield candidate, self.read_verified(candidate), None
+            except CheckpointError as exc:
+                yield candidate, None, str(exc)
+
+    def remove_stale_temporaries(self) -> None:
+        """Remove ``.tmp-*`` leftovers of saves that were killed midway. Only
+        called at startup, when no save of this run can be in flight."""
+        if self.root.is_dir():
+            for path in self.root.glob(".tmp-*"):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def prune(self, kind: str, keep: int, keep_from_step: int | None = None) -> list[Path]:
+        """Remove all but the ``keep`` newest steps of one kind; returns what
+        was removed. Several ranks' copies of one step count as one step, and
+        only checkpoints whose files are all there count. Nothing at or after
+        ``keep_from_step`` (the step just restored) is removed."""
+        usable = []
+        for candidate in self.candidates():
+            if candidate.manifest is None or candidate.manifest.get("kind") != kind:
+                continue
+            try:
+                self.check_sizes(candidate)
+            except CheckpointError:
+                continue
+            usable.append(candidate)
+        steps = sorted({c.step for c in usable}, reverse=True)
+        if len(steps) <= keep or keep <= 0:
+            return []
+        cutoff = steps[keep - 1]
+        if keep_from_step is not None:
+            cutoff = min(cutoff, keep_from_step)
+        removed = []
+        for candidate in usable:
+            if candidate.step < cutoff:
+                shutil.rmtree(candidate.path, ignore_errors=True)
+                removed.append(candidate.path)
+        return removed
 
 
-@dataclass
-class Candidate:
-    """A checkpoint directory and what its manifest says (if readable)."""
+def run_storage(run_dir: str | os.PathLike[str]) -> DirectoryStorage:
+    """The durable storage of a run directory."""
+    return DirectoryStorage(checkpoints_dir(run_dir))
 
-    path: Path
-    manifest: dict[str, Any] | None
-    problem: str | None  # why it cannot be used, if known without reading the payload
 
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"]) if self.manifest else -1
+def _checksum(data: bytes | bytearray, like: str | None) -> str:
+    if like is not None and like.startswith("sha256:"):
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    crc = 0
+    view = memoryview(data)
+    for start in range(0, len(view), _READ_CHUNK):
+        crc = zlib.crc32(view[start : start + _READ_CHUNK], crc)
+    return f"crc32:{crc:08x}"
 
-    def sort_key(self) -> tuple[int, int, int, int]:
-        m = self.manifest or {}
-        kind = KINDS.index(m["kind"]) if m.get("kind") in KINDS else len(KINDS)
-        return (-self.step, kind, -int(m.get("attempt", 0)), int(m.get("writer_rank", 0)))
+
+def _candidate(path: Path) -> Candidate:
+    try:
+        return Candidate(path, read_manifest(path), None)
+    except CheckpointError as exc:
+        return Candidate(path, None, str(exc))
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -142,134 +386,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         or not all(
             isinstance(e, dict)
             and isinstance(e.get("size"), int)
-            and isinstance(e.get("sha256"), str)
+            and isinstance(checksum_of(e), str)
             for e in files.values()
         )
     ):
         raise CheckpointError(f"{manifest_path}: manifest fields have the wrong types (garbled)")
     return manifest
-
-
-def read_manifest_or_explain(path: Path, shared_hint: bool = False) -> dict[str, Any]:
-    """read_manifest, with a hint when a peer's choice is missing here."""
-    if shared_hint and not path.exists():
-        raise CheckpointError(
-            f"{path}: chosen by rank 0 but not present on this rank; do all ranks see the "
-            f"same --run-dir (a shared filesystem at the same path)?"
-        )
-    return read_manifest(path)
-
-
-def candidates(run_dir: str | os.PathLike[str]) -> list[Candidate]:
-    """Every checkpoint directory of a run, newest step first. Temporary
-    directories of interrupted saves are not candidates."""
-    root = checkpoints_dir(run_dir)
-    found: list[Candidate] = []
-    if not root.is_dir():
-        return found
-    for path in root.iterdir():
-        if path.name.startswith(".") or not path.is_dir():
-            continue
-        try:
-            found.append(Candidate(path, read_manifest(path), None))
-        except CheckpointError as exc:
-            found.append(Candidate(path, None, str(exc)))
-    found.sort(key=Candidate.sort_key)
-    return found
-
-
-def read_verified(path: Path, manifest: dict[str, Any]) -> bytes:
-    """The payload's bytes, after checking size and SHA-256 against the manifest."""
-    entry = manifest["files"].get(PAYLOAD)
-    file_path = path / PAYLOAD
-    if entry is None:
-        raise CheckpointError(f"{path / MANIFEST}: lists no {PAYLOAD}")
-    try:
-        data = file_path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{file_path}: file missing") from None
-    if len(data) != entry["size"]:
-        raise CheckpointError(
-            f"{file_path}: truncated or padded: {len(data)} bytes, manifest says {entry['size']}"
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise CheckpointError(
-            f"{file_path}: checksum mismatch (sha256 {digest[:12]}..., manifest says "
-            f"{entry['sha256'][:12]}...): the file is corrupt"
-        )
-    return data
-
-
-def check_sizes(path: Path, manifest: dict[str, Any]) -> None:
-    """The cheap check: every listed file exists with its recorded size."""
-    for name, entry in manifest["files"].items():
-        file_path = path / name
-        try:
-            size = file_path.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointError(f"{file_path}: file missing") from None
-        if size != entry["size"]:
-            raise CheckpointError(
-                f"{file_path}: truncated or padded: {size} bytes, manifest says {entry['size']}"
-            )
-
-
-def verify(path: Path) -> dict[str, Any]:
-    manifest = read_manifest(path)
-    read_verified(path, manifest)
-    return manifest
-
-
-def iter_valid(
-    run_dir: str | os.PathLike[str],
-) -> Iterator[tuple[Candidate, bytes | None, str | None]]:
-    """Candidates newest first, each with its verified payload or the reason it
-    was refused."""
-    for candidate in candidates(run_dir):
-        if candidate.problem is not None or candidate.manifest is None:
-            yield candidate, None, candidate.problem
-            continue
-        try:
-            yield candidate, read_verified(candidate.path, candidate.manifest), None
-        except CheckpointError as exc:
-            yield candidate, None, str(exc)
-
-
-def remove_stale_temporaries(run_dir: str | os.PathLike[str]) -> None:
-    """Remove ``.tmp-*`` leftovers of saves that were killed midway. Only
-    called at startup, when no save of this run can be in flight."""
-    root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def prune(
-    run_dir: str | os.PathLike[str], kind: str, keep: int, keep_from_step: int | None = None
-) -> list[Path]:
-    """Remove all but the ``keep`` newest steps of one kind; returns what was
-    removed. Several ranks' copies of one step count as one step, and only
-    checkpoints whose files are all there count. Nothing at or after
-    ``keep_from_step`` (the step just restored) is removed."""
-    usable = []
-    for candidate in candidates(run_dir):
-        if candidate.manifest is None or candidate.manifest.get("kind") != kind:
-            continue
-        try:
-            check_sizes(candidate.path, candidate.manifest)
-        except CheckpointError:
-            continue
-        usable.append(candidate)
-    steps = sorted({c.step for c in usable}, reverse=True)
-    if len(steps) <= keep or keep <= 0:
-        return []
-    cutoff = steps[keep - 1]
-    if keep_from_step is not None:
-        cutoff = min(cutoff, keep_from_step)
-    removed = []
-    for candidate in usable:
-        if candidate.step < cutoff:
-            shutil.rmtree(candidate.path, ignore_errors=True)
-            removed.append(candidate.path)
-    return removed
