@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -174,3 +175,44 @@ def test_leaving_the_loop_early_is_not_a_failure(tmp_path: Path) -> None:
     events = read_events(tmp_path / "run")
     assert not [e for e in events if e["event"] == "detect"], "no failure after the loop"
     assert {e["step"] for e in events if e["event"] == "loop_left"} == {20}
+
+
+def test_checkpoint_from_another_run_is_refused(two_checkpoints: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    launch = tiny(other, "--steps", "7", "--save-at", "6")
+    assert launch.returncode == 0, show(launch)
+    foreign = sorted(checkpoints_dir(other).glob("step-*"))[-1]
+    copied = checkpoints_dir(two_checkpoints) / foreign.name
+    shutil.copytree(foreign, copied)
+    launch = tiny(two_checkpoints, "--steps", "8")
+    assert launch.returncode == 0, show(launch)
+    assert f"refusing checkpoint {copied}: written by another run" in launch.output, show(launch)
+    assert launch.resumed_steps() == [4], "resumed from this run's own newest checkpoint"
+    assert copied.is_dir(), "the foreign checkpoint is left where it is"
+
+
+def test_garbled_archive_is_refused_and_previous_used(two_checkpoints: Path) -> None:
+    """A payload whose archive header lies (a tensor beyond the end of the
+    file), with a manifest fixed up to match: refused by the decoder."""
+    import json
+    import struct
+    import zlib
+
+    payload = newest_payload(two_checkpoints)
+    data = payload.read_bytes()
+    (length,) = struct.unpack_from("<Q", data, 8)
+    header = json.loads(data[16 : 16 + length])
+    last = header["tensors"][-1]
+    last["offset"] = int("9" * len(str(last["offset"])))  # same length, past the end
+    forged = json.dumps(header, separators=(",", ":")).encode()
+    assert len(forged) <= length
+    data = data[:16] + forged.ljust(length) + data[16 + length :]
+    payload.write_bytes(data)
+    manifest_path = payload.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][PAYLOAD] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+    manifest_path.write_text(json.dumps(manifest))
+    launch = tiny(two_checkpoints, "--steps", "6")
+    assert launch.returncode == 0, show(launch)
+    assert "a tensor lies outside the archive" in launch.output, show(launch)
+    assert launch.resumed_steps() == [2]

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from jobs import EXAMPLE, jitckpt_run, run_tagged, show
+import pytest
+from jobs import EXAMPLE, TINY, jitckpt_run, run_tagged, show
 
 from jitckpt import storage
 from jitckpt.events import read_events
@@ -86,3 +89,47 @@ def test_inspect_lists_valid_and_invalid_checkpoints(tmp_path: Path) -> None:
     launch = run_tagged([sys.executable, "-m", "jitckpt", "inspect", str(run_dir)], timeout=60)
     assert launch.returncode == 1, "no valid checkpoint left"
     assert "INVALID" in launch.output and "truncated" in launch.output
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 800 KiB filesystem (tmpfs): room for one checkpoint of the
+    wide tiny model (~0.5 MB), not two."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_during_a_jit_save_keeps_the_previous_checkpoint(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    run_dir = small_disk / "run"
+    args = [str(TINY), "--steps", "8", "--width", "4096", "--save-at", "2"]
+    reference = jitckpt_run(
+        *args, "--run-dir", str(tmp_path / "ref"), "--digest", str(tmp_path / "ref.digest"), nproc=1
+    )
+    assert reference.returncode == 0, show(reference)
+    launch = jitckpt_run(
+        "--inject", "raise@step=4,rank=0,phase=forward",
+        *args, "--run-dir", str(run_dir), "--digest", str(tmp_path / "digest"),
+        nproc=1,
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    assert "disk full while writing checkpoint step-000000004-jit-a0-r0" in launch.output, show(
+        launch
+    )
+    assert "older checkpoints are untouched" in launch.output
+    assert launch.resumed_steps() == [2], "the previous valid checkpoint was used"
+    names = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert names == ["step-000000002-jit-a0-r0"], f"no partial copy may remain: {names}"
+    assert (tmp_path / "digest").read_text() == (tmp_path / "ref.digest").read_text()
