@@ -3,9 +3,10 @@ written in the background.
 
 JIT checkpoints need a surviving replica. When none survives (every rank
 lost at once, a power cut), the job must fall back to an older checkpoint
-(promise P6). The training loop pays only for a copy of the state at a step
-boundary (tensor clones); serialization and the atomic write happen on a
-writer thread. In DDP every replica holds the same state, so rank 0 alone
+(promise P6). The training loop pays at most for a copy of the state: parameters and
+optimizer state are copied by a writer thread while the next forward and
+backward run (only optimizer.step() waits for the copy), and the atomic
+write happens on that thread too. In DDP every replica holds the same state, so rank 0 alone
 writes. If the previous write is still running when the next one is due,
 the new one is skipped (and logged) rather than queued, so a slow disk never
 stalls training or piles up memory.
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jitckpt.archive import Archive
-from jitckpt.errors import CheckpointWriteError
+from jitckpt.state import clone_tensors
 from jitckpt.storage import Storage
 
 
@@ -52,36 +53,70 @@ class PeriodicSaver:
         self.keep = keep
         self._last = time.monotonic()
         self._writer: threading.Thread | None = None
+        self._copied: threading.Event | None = None
+        self._blocked_s = 0.0
 
     def due(self, step: int) -> bool:
         if self.every_steps and step % self.every_steps == 0:
             return True
         return bool(self.every_s) and time.monotonic() - self._last >= self.every_s  # type: ignore[operator]
 
-    def save(self, step: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def save(self, step: int, tree: dict[str, Any], updated: Callable[[], set[int]]) -> None:
+        """Save the state ``tree`` (live tensors) of a step boundary.
+
+        Tensors that the next forward may change (buffers, loader and RNG
+        state) are copied now; parameters and optimizer state (``updated()``:
+        their storage addresses) change only in optimizer.step(), so they are
+        copied by the writer thread while forward and backward run, and the
+        update waits for that copy (:meth:`hold_update`). The loop blocks
+        only for whatever of the copy the forward and backward did not hide.
+        """
         if self._writer is not None and self._writer.is_alive():
             self.events.emit(
                 "periodic_skipped", step=step, reason="previous periodic save still writing"
             )
             return
         started = time.monotonic()
-        tree = snapshot()
-        blocked = time.monotonic() - started
+        deferred = updated()
+        now = clone_tensors(tree, lambda t: t.untyped_storage().data_ptr() not in deferred)
+        self._copied = threading.Event()
+        self._blocked_s = time.monotonic() - started
         self._last = time.monotonic()
         self._writer = threading.Thread(
-            target=self._write, args=(step, tree, blocked), name="jitckpt-periodic", daemon=True
+            target=self._write,
+            args=(step, now, deferred, self._copied),
+            name="jitckpt-periodic",
+            daemon=True,
         )
         self._writer.start()
 
-    def _write(self, step: int, tree: dict[str, Any], blocked_s: float) -> None:
+    def hold_update(self) -> None:
+        """Called before optimizer.step(): wait until the writer has its copy."""
+        copied = self._copied
+        if copied is not None and not copied.is_set():
+            started = time.monotonic()
+            copied.wait()
+            self._blocked_s += time.monotonic() - started
+        self._copied = None
+
+    def _write(
+        self, step: int, tree: dict[str, Any], deferred: set[int], copied: threading.Event
+    ) -> None:
         started = time.monotonic()
+        try:
+            tree = clone_tensors(tree, lambda t: t.untyped_storage().data_ptr() in deferred)
+        except Exception as exc:  # noqa: BLE001 - the update must never wait forever
+            copied.set()
+            self._failed(step, exc)
+            return
+        copied.set()
+        copy_s = time.monotonic() - started
         try:
             payload = Archive(tree)
             manifest = dict(self.manifest(step), kind="periodic")
             path = self.storage.write(manifest, payload)
-        except (CheckpointWriteError, Exception) as exc:  # noqa: BLE001 - the backstop must say it is off, not vanish
-            self.events.emit("periodic_failed", step=step, error=f"{type(exc).__name__}: {exc}")
-            print(f"jitckpt: periodic checkpoint of step {step} failed: {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the backstop must say it is off, not vanish
+            self._failed(step, exc)
             return
         self.events.emit(
             "save",
@@ -89,10 +124,15 @@ class PeriodicSaver:
             step=step,
             path=str(path),
             bytes=payload.size,
-            blocked_s=blocked_s,
+            blocked_s=self._blocked_s,
+            copy_s=copy_s,
             duration=time.monotonic() - started,
         )
         self.storage.prune("periodic", self.keep)
+
+    def _failed(self, step: int, exc: Exception) -> None:
+        self.events.emit("periodic_failed", step=step, error=f"{type(exc).__name__}: {exc}")
+        print(f"jitckpt: periodic checkpoint of step {step} failed: {exc}", flush=True)
 
     def wait(self, timeout: float | None = None) -> None:
         """Let a write in flight finish (at the end of training)."""

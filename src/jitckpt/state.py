@@ -11,7 +11,7 @@ when the saver runs, while the step tracker holds the loop still.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,10 +83,16 @@ class TrainingState:
         snapshotted at that step's boundary."""
         return Archive(self.tree(step, rank, boundary))
 
-    def snapshot(self, step: int, rank: int, boundary: Mapping[str, Any]) -> dict[str, Any]:
-        """A private copy of the state (tensors cloned), for a background
-        writer while training goes on: the loop blocks only for the copy."""
-        return _clone_tensors(self.tree(step, rank, boundary))
+    def updated_by_optimizer(self) -> set[int]:
+        """Storage addresses of the parameters and optimizer state: tensors
+        that change only in optimizer.step(), so a copy of them may be taken
+        while the next forward and backward run."""
+        addresses = {p.untyped_storage().data_ptr() for p in unwrap(self.model).parameters()}
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    addresses.add(value.untyped_storage().data_ptr())
+        return addresses
 
     def tree(self, step: int, rank: int, boundary: Mapping[str, Any]) -> dict[str, Any]:
         """The state as nested containers of live tensors and plain values."""
@@ -138,15 +144,17 @@ class TrainingState:
             obj.load_state_dict(payload["extras"][name])
 
 
-def _clone_tensors(value: Any) -> Any:
+def clone_tensors(value: Any, only: Callable[[torch.Tensor], bool] = lambda _t: True) -> Any:
+    """A copy of a state tree with the tensors selected by ``only`` cloned
+    (the others shared)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().clone() if only(value) else value
     if isinstance(value, dict):
-        return {key: _clone_tensors(item) for key, item in value.items()}
+        return {key: clone_tensors(item, only) for key, item in value.items()}
     if isinstance(value, list):
-        return [_clone_tensors(item) for item in value]
+        return [clone_tensors(item, only) for item in value]
     if isinstance(value, tuple):
-        return tuple(_clone_tensors(item) for item in value)
+        return tuple(clone_tensors(item, only) for item in value)
     return value
 
 
