@@ -1,4 +1,4 @@
-"""The ``jitckpt`` command line: run, inspect, report."""
+"""The ``jitckpt`` command line: run, inspect, report, simulate."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ commands:
   run [torchrun options] [--inject SPEC]... SCRIPT [ARGS]   launch training with JIT checkpointing
   inspect DIR [--json] [--verify]                         list a run's checkpoints and whether each is valid
   report DIR [--json]                                     failures and recoveries of a run, from its event log
+  simulate [options] [--from-run DIR] [--monte-carlo]     wasted GPU time: periodic vs JIT checkpointing
 """
 
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return inspect_main(rest)
     if command == "report":
         return _report(rest)
+    if command == "simulate":
+        from jitckpt.simulate import main as simulate_main
+
+        return simulate_main(rest)
     print(f"jitckpt: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 
