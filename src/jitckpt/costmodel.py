@@ -1,6 +1,6 @@
 """Wasted GPU time of a training job under failures, for three recovery
 strategies: periodic checkpointing at its optimal interval, JIT with a job
-restart, and JIT with in-process recovery (Gupta et al., EuroSys'24, sec. 3).
+restart, and JIT with in-process recovery (Gupta et al., EuroSys'24).
 
 Every strategy is the same renewal process: the job alternates between
 *segments* (the work between two safe points, plus any steady-state cost)
