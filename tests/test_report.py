@@ -156,3 +156,18 @@ def test_goodput_of_a_hand_made_log() -> None:
         }
     )
     assert [a["kept_steps"] for a in result["attempts"]] == [4, 4]
+
+
+def test_simulate_takes_its_inputs_from_the_drill(drill_run: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "jitckpt", "simulate", "--from-run", str(drill_run), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    measured = ("iteration_s", "detection_s", "jit_save_s", "restart_s")
+    assert {key: result["sources"][key] for key in measured} == dict.fromkeys(measured, "run")
+    assert 0 < result["inputs"]["iteration_s"] < 5 and result["inputs"]["restart_s"] > 0
+    assert result["sources"]["gpus"] == "default"
