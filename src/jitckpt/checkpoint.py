@@ -245,7 +245,7 @@ class JitCheckpoint:
             self.staging.remove_all()
         self._ready = False
         signals.set_callback(None)
-        self.events.emit("finish", step=total)
+        self.events.emit("finish", step=total, median_step_s=self.tracker.median_step_time())
 
     def _stop_watching(self) -> None:
         self.watchdog.stop()
@@ -681,7 +681,6 @@ class JitCheckpoint:
             suspects={str(r): kind for r, kind in suspects.items()},
             stalled_s=stalled_s,
             timeout_s=timeout_s,
-            median_step_s=self.tracker.median_step_time(),
         )
 
     def _on_signal(self, signum: int) -> None:
@@ -724,7 +723,15 @@ class JitCheckpoint:
             try:
                 position = self.tracker.position()
                 self.events.emit(
-                    "detect", cause=cause, detail=detail[:500], **position.as_dict(), **extra
+                    "detect",
+                    cause=cause,
+                    detail=detail[:500],
+                    **position.as_dict(),
+                    # For `jitckpt report` and `simulate --from-run`: the step
+                    # time, and when the last completed step ended.
+                    median_step_s=self.tracker.median_step_time(),
+                    since_boundary_s=self.tracker.seconds_since_boundary(),
+                    **extra,
                 )
                 if self._ready:
                     # The training thread cannot leave its dirty window while it

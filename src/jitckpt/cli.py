@@ -1,8 +1,7 @@
-"""The ``jitckpt`` command line: run, inspect, report."""
+"""The ``jitckpt`` command line: run, inspect, report, simulate."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 USAGE = """usage: jitckpt COMMAND ...
@@ -10,7 +9,8 @@ USAGE = """usage: jitckpt COMMAND ...
 commands:
   run [torchrun options] [--inject SPEC]... SCRIPT [ARGS]   launch training with JIT checkpointing
   inspect DIR [--json] [--verify]                         list a run's checkpoints and whether each is valid
-  report DIR [--json]                                     failures and recoveries of a run, from its event log
+  report DIR [--json] [--plot FILE.png]                   failures, recovery timeline and goodput of a run
+  simulate [options] [--from-run DIR] [--monte-carlo]     wasted GPU time: periodic vs JIT checkpointing
 """
 
 
@@ -29,28 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return inspect_main(rest)
     if command == "report":
-        return _report(rest)
+        from jitckpt.report import main as report_main
+
+        return report_main(rest)
+    if command == "simulate":
+        from jitckpt.simulate import main as simulate_main
+
+        return simulate_main(rest)
     print(f"jitckpt: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
-
-
-def _report(argv: list[str]) -> int:
-    from pathlib import Path
-
-    from jitckpt.events import EVENTS_FILE
-    from jitckpt.summary import format_summary, summary_json
-
-    parser = argparse.ArgumentParser(
-        prog="jitckpt report", description="Failures and recoveries of a run."
-    )
-    parser.add_argument("run_dir")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / EVENTS_FILE).is_file():
-        print(
-            f"jitckpt report: {args.run_dir} has no {EVENTS_FILE}; is it a jitckpt run directory?",
-            file=sys.stderr,
-        )
-        return 2
-    print(summary_json(args.run_dir) if args.json else format_summary(args.run_dir))
-    return 0

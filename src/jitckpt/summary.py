@@ -20,9 +20,7 @@ resumes at i+1 while survivors had begun i+1.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from jitckpt.events import read_events
@@ -32,7 +30,7 @@ def _first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((e for e in events if e["event"] == name), None)
 
 
-def _attempts(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+def attempt_groups(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Worker events grouped by attempt, in order of appearance. The key is
     (launch, attempt), launch being the rendezvous run id shared by all
     nodes; a job re-submitted under the same id counts attempts from 0 again,
@@ -55,7 +53,7 @@ def _attempts(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    attempts = _attempts(events)
+    attempts = attempt_groups(events)
     # Agent events carry no attempt: attach worker failures by time.
     agent_failures = [e for e in events if e["event"] == "worker_failed"]
     failures = []
@@ -84,6 +82,10 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         last_save_t = max((e["t"] for e in saves), default=attempt_end)
         record: dict[str, Any] = {
             "attempt": attempt,
+            # Which group of attempt_groups() (attempt numbers repeat when a
+            # stopped job is submitted again), and when the failure happened.
+            "attempt_group": index,
+            "failure_t": failure_t,
             "fault": injected[0]["spec"] if injected else None,
             # Ranks that died without jitckpt's orderly exit (survivors that
             # saved and exited are not failures).
@@ -150,7 +152,3 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
 
 def print_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) -> None:
     print(format_summary(run_dir, outcome), flush=True)
-
-
-def summary_json(run_dir: str | os.PathLike[str]) -> str:
-    return json.dumps(summarize(read_events(Path(run_dir))), indent=1)

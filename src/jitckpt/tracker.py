@@ -141,3 +141,9 @@ class StepTracker:
     def median_step_time(self) -> float | None:
         times = list(self._step_times)
         return statistics.median(times) if times else None
+
+    def seconds_since_boundary(self) -> float | None:
+        """Time since the loop last passed a step boundary: a detector logs it
+        so that the report knows when the last kept step ended."""
+        last = self._last_boundary
+        return None if last is None else time.monotonic() - last
