@@ -19,9 +19,40 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from jitckpt.archive import Archive
 from jitckpt.state import clone_tensors
 from jitckpt.storage import Storage
+
+
+class ReusedBuffers:
+    """Host copies kept from one periodic save to the next. Copying into
+    memory that is already mapped runs at memcpy speed; a fresh clone first
+    faults in every page (benchmarks/storage.py measures both). A save reuses
+    them only after the previous write finished (saves never overlap), and
+    tensors are visited in the same order each time, so the i-th copy of a
+    save reuses the i-th buffer when its shape and dtype still match."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor] = []
+        self._next = 0
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        index, self._next = self._next, self._next + 1
+        if index < len(self._buffers):
+            buffer = self._buffers[index]
+            if buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                buffer = self._buffers[index] = torch.empty(
+                    tensor.shape, dtype=tensor.dtype, device="cpu"
+                )
+        else:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            self._buffers.append(buffer)
+        return buffer.copy_(tensor.detach())
 
 
 class PeriodicSaver:
@@ -55,6 +86,7 @@ class PeriodicSaver:
         self._writer: threading.Thread | None = None
         self._copied: threading.Event | None = None
         self._blocked_s = 0.0
+        self._buffers = ReusedBuffers()
 
     def due(self, step: int) -> bool:
         if self.every_steps and step % self.every_steps == 0:
@@ -104,7 +136,10 @@ class PeriodicSaver:
     ) -> None:
         started = time.monotonic()
         try:
-            tree = clone_tensors(tree, lambda t: t.untyped_storage().data_ptr() in deferred)
+            self._buffers.rewind()
+            tree = clone_tensors(
+                tree, lambda t: t.untyped_storage().data_ptr() in deferred, self._buffers.copy
+            )
         except Exception as exc:  # noqa: BLE001 - the update must never wait forever
             copied.set()
             self._failed(step, exc)

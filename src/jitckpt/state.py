@@ -144,17 +144,25 @@ class TrainingState:
             obj.load_state_dict(payload["extras"][name])
 
 
-def clone_tensors(value: Any, only: Callable[[torch.Tensor], bool] = lambda _t: True) -> Any:
-    """A copy of a state tree with the tensors selected by ``only`` cloned
-    (the others shared)."""
+def _clone(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone()
+
+
+def clone_tensors(
+    value: Any,
+    only: Callable[[torch.Tensor], bool] = lambda _t: True,
+    copy: Callable[[torch.Tensor], torch.Tensor] = _clone,
+) -> Any:
+    """A copy of a state tree with the tensors selected by ``only`` copied
+    by ``copy`` (the others shared), visited in a fixed order."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone() if only(value) else value
+        return copy(value) if only(value) else value
     if isinstance(value, dict):
-        return {key: clone_tensors(item, only) for key, item in value.items()}
+        return {key: clone_tensors(item, only, copy) for key, item in value.items()}
     if isinstance(value, list):
-        return [clone_tensors(item, only) for item in value]
+        return [clone_tensors(item, only, copy) for item in value]
     if isinstance(value, tuple):
-        return tuple(clone_tensors(item, only) for item in value)
+        return tuple(clone_tensors(item, only, copy) for item in value)
     return value
 
 
