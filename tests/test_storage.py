@@ -18,20 +18,24 @@ from jitckpt.events import read_events
 
 
 def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
+    """Periodic checkpoints every 20 steps; a failure at 25 whose JIT
+    checkpoints are lost (simulated: removed) resumes from step 20, and the
+    run ends bitwise equal to a failure-free one: the periodic copy, taken
+    while forward and backward ran, is exactly the state of step 20."""
     run_dir = tmp_path / "run"
-    args = [
-        str(EXAMPLE),
-        "--steps",
-        "30",
-        "--run-dir",
-        str(run_dir),
-        "--save-every",
-        "10",
-        "--deterministic",
-    ]
+
+    def args(run: Path, digest: Path) -> list[str]:
+        return [
+            str(EXAMPLE), "--steps", "62", "--run-dir", str(run), "--digest", str(digest),
+            "--save-every", "20", "--deterministic",
+        ]  # fmt: skip
+
+    reference = jitckpt_run(*args(tmp_path / "ref", tmp_path / "ref.digest"))
+    assert reference.returncode == 0, show(reference)
     first = jitckpt_run(
-        "--max-restarts", "0", "--inject", "kill@step=25,rank=2,phase=backward", *args
-    )
+        "--max-restarts", "0", "--inject", "kill@step=25,rank=2,phase=backward",
+        *args(run_dir, tmp_path / "digest"),
+    )  # fmt: skip
     assert first.returncode != 0, show(first)
     kinds: dict[str, int] = {}
     for c in storage.run_storage(run_dir).candidates():
@@ -41,20 +45,21 @@ def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
     for candidate in storage.run_storage(run_dir).candidates():
         if candidate.manifest and candidate.manifest["kind"] == "jit":
             shutil.rmtree(candidate.path)
-    second = jitckpt_run(*args)
+    second = jitckpt_run(*args(run_dir, tmp_path / "digest"))
     assert second.returncode == 0, show(second)
     assert "jitckpt: resumed from step 20 (periodic checkpoint" in second.output
     restore = [e for e in read_events(run_dir) if e["event"] == "restore"]
     assert [(e["kind"], e["step"]) for e in restore] == [("periodic", 20)] * 4
+    assert (tmp_path / "digest").read_text() == (tmp_path / "ref.digest").read_text()
     periodic = [e for e in read_events(run_dir) if e["event"] == "save" and e["kind"] == "periodic"]
-    assert {e["step"] for e in periodic} == {10, 20, 30}
+    assert {e["step"] for e in periodic} == {20, 40, 60}
     assert all(e["rank"] == 0 for e in periodic), "replicas are identical: rank 0 writes alone"
     # Retention keeps the two newest periodic steps.
     assert sorted(
         c.step
         for c in storage.run_storage(run_dir).candidates()
         if c.manifest["kind"] == "periodic"
-    ) == [20, 30]
+    ) == [40, 60]
 
 
 def test_inspect_lists_valid_and_invalid_checkpoints(tmp_path: Path) -> None:
