@@ -11,6 +11,7 @@ the loss falls well below log(vocab) within a few hundred steps.
 
 import argparse
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -98,11 +99,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, NCCL")
     parser.add_argument("--save-every", type=int, default=None, help="periodic backstop checkpoint every N steps (jitckpt only)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    jitckpt.init_process_group("gloo")  # jitckpt
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    jitckpt.init_process_group("nccl" if cuda else "gloo")  # jitckpt
     rank = dist.get_rank()
     torch.manual_seed(0)
 
@@ -111,7 +116,8 @@ def main() -> None:
     loader = StatefulDataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers
     )
-    model = DDP(GPT())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = DDP(GPT().to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     warmup = 20
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -132,7 +138,7 @@ def main() -> None:
             flush=True,
         )
     for step in ckpt.steps(args.steps):  # jitckpt
-        inputs, targets = next(batches)
+        inputs, targets = (tensor.to(device) for tensor in next(batches))
         logits = model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import io
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -102,11 +103,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, NCCL")
     parser.add_argument("--save-every", type=int, default=None, help="periodic backstop checkpoint every N steps (jitckpt only)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
 
@@ -115,7 +120,8 @@ def main() -> None:
     loader = StatefulDataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers
     )
-    model = DDP(GPT())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = DDP(GPT().to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     warmup = 20
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -135,7 +141,7 @@ def main() -> None:
             flush=True,
         )
     for step in range(args.steps):
-        inputs, targets = next(batches)
+        inputs, targets = (tensor.to(device) for tensor in next(batches))
         logits = model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ these changes for JIT checkpointing.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -116,7 +117,12 @@ class JitAgent(LocalElasticAgent):
             time.sleep(0.02)
 
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
-        self._shutdown(timeout=None)  # type: ignore[arg-type]
+        # timeout=None routes the close through _terminate_patiently (above).
+        # Older torch (2.11) has no timeout parameter and closes with none.
+        if "timeout" in inspect.signature(self._shutdown).parameters:
+            self._shutdown(timeout=None)  # type: ignore[arg-type]
+        else:
+            self._shutdown()
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt import __version__, distributed, rng, signals, storage
+from jitckpt.archive import Archive
 from jitckpt.comm import CanonicalAllreduce, observed_allreduce_hook
 from jitckpt.data import DataPosition
 from jitckpt.digest import state_digest
@@ -41,13 +42,14 @@ from jitckpt.errors import (
     RunDirError,
 )
 from jitckpt.events import EventLog
+from jitckpt.gpu import DeviceSteps, SideStreamCopy, on_cuda
 from jitckpt.inject import ENV_VAR as INJECT_ENV
 from jitckpt.inject import Injector, parse_specs
 from jitckpt.periodic import PeriodicSaver
 from jitckpt.rundir import prepare_run_dir, run_id
 from jitckpt.staging import Staging, resolve_stage_dir
 from jitckpt.state import Stateful, TrainingState, check_signature, decode, model_signature
-from jitckpt.tracker import StepTracker
+from jitckpt.tracker import Position, StepTracker
 from jitckpt.watchdog import Heartbeat, Watchdog, read_suspects
 
 # How long a saver waits for the loop to leave its dirty window (optimizer
@@ -183,6 +185,13 @@ class JitCheckpoint:
             self.events,
             self.tracker,
         )
+        self._device_steps = DeviceSteps(self.state) if on_cuda(model) else None
+        if deterministic and self._device_steps is not None:
+            # Reseeding is not enough on a GPU: some kernels (atomics in
+            # scatter/index backward) sum in a varying order. cuBLAS needs its
+            # workspace pinned before its first use for the same reason.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self._distributed = dist.is_available() and dist.is_initialized()
         self._install_hooks(model, optimizer, scaler)
         signals.install()
@@ -260,41 +269,32 @@ class JitCheckpoint:
 
     def _save(self, reason: str, wait_s: float | None) -> Path | None:
         started = time.monotonic()
-        frozen = self.tracker.freeze_clean(self._dirty_wait() if wait_s is None else wait_s)
+        wait = self._dirty_wait() if wait_s is None else wait_s
+        frozen = self.tracker.freeze_clean(wait)
         try:
-            if frozen is None:
-                self._warn(
-                    "save_skipped",
-                    reason="state not clean: the loop stayed between optimizer.step() and the "
-                    "next step boundary (a collective placed after optimizer.step()?)",
-                )
+            if self._device_steps is not None:
+                # On a GPU the host's position says little about the device's:
+                # the device's own record decides (jitckpt.gpu).
+                captured = self._capture_from_device(wait)
+            else:
+                captured = self._capture_from_host(frozen)
+            if captured is None:
                 return None
-            position, snapshot = frozen
-            if self.scheduler is not None and snapshot.get("scheduler_epoch") != getattr(
-                self.scheduler, "last_epoch", None
-            ):
-                self._warn("save_skipped", reason="scheduler stepped without an optimizer step")
-                return None
-            if snapshot is None:
-                self._warn("save_skipped", reason="no step boundary passed yet in this process")
-                return None
+            completed, payload = captured
             if reason != "manual":
                 self._mark_saving()
-            payload = self.state.capture(position.completed, self.rank, snapshot)
-            manifest = dict(self._manifest(position.completed), kind="jit", reason=reason)
+            manifest = dict(self._manifest(completed), kind="jit", reason=reason)
             target = self.staging.storage if self.staging is not None else self.storage
             try:
                 path = target.write(
                     manifest,
                     payload,
                     on_point=lambda point: (
-                        self.injector.at("save", position.completed)
-                        if point == "payload_written"
-                        else None
+                        self.injector.at("save", completed) if point == "payload_written" else None
                     ),
                 )
             except CheckpointWriteError as exc:
-                self._warn("save_failed", step=position.completed, error=str(exc))
+                self._warn("save_failed", step=completed, error=str(exc))
                 return None
             persister = (
                 self.staging.persist_in_background(path, self.rank, self.attempt)
@@ -304,7 +304,7 @@ class JitCheckpoint:
             self.events.emit(
                 "save",
                 kind="jit",
-                step=position.completed,
+                step=completed,
                 path=str(path),
                 bytes=payload.size,
                 staged=self.staging is not None,
@@ -317,12 +317,44 @@ class JitCheckpoint:
             if reason == "manual":
                 self.tracker.unfreeze()
 
+    def _capture_from_host(self, frozen: tuple[Position, Any] | None) -> tuple[int, Archive] | None:
+        if frozen is None:
+            self._warn(
+                "save_skipped",
+                reason="state not clean: the loop stayed between optimizer.step() and the "
+                "next step boundary (a collective placed after optimizer.step()?)",
+            )
+            return None
+        position, snapshot = frozen
+        if snapshot is None:
+            self._warn("save_skipped", reason="no step boundary passed yet in this process")
+            return None
+        if self.scheduler is not None and snapshot.get("scheduler_epoch") != getattr(
+            self.scheduler, "last_epoch", None
+        ):
+            self._warn("save_skipped", reason="scheduler stepped without an optimizer step")
+            return None
+        return position.completed, self.state.capture(position.completed, self.rank, snapshot)
+
+    def _capture_from_device(self, wait_s: float) -> tuple[int, Archive] | None:
+        assert self._device_steps is not None
+        choice = self._device_steps.choose(wait_s)
+        if isinstance(choice, str):
+            self._warn("save_skipped", reason=choice)
+            return None
+        mark, ready = choice
+        copy = SideStreamCopy(ready)
+        tree = self.state.tree(mark.step, self.rank, mark.snapshot, mark.host_view)
+        payload = Archive(tree, to_host=copy)
+        copy.finish()
+        return mark.step, payload
+
     def _audit_digest(self) -> str | None:
         """Deterministic mode logs a digest of the state saved and of the state
         restored, so a drill can prove they are the same. Off otherwise: it
         hashes every byte (0.2 s for 300 MB) on the save's critical path."""
-        if not self.deterministic:
-            return None
+        if not self.deterministic or self._device_steps is not None:
+            return None  # on a GPU it would copy on the (maybe blocked) compute stream
         return state_digest(self.state.model, self.state.optimizer)
 
     def _mark_saving(self) -> None:
@@ -367,6 +399,8 @@ class JitCheckpoint:
             "rng": None if self.deterministic else rng.capture(),
             "scheduler_epoch": getattr(self.scheduler, "last_epoch", None),
         }
+        if self._device_steps is not None:
+            self._device_steps.boundary(step, snapshot)
         self.tracker.boundary(step, snapshot)
         if self._resumed and step == self.start_step + 1:
             self.events.emit("first_step_done", step=step)
@@ -412,6 +446,10 @@ class JitCheckpoint:
         optimizer.register_step_pre_hook(self._before_update)
         optimizer.register_step_pre_hook(self.tracker.optimizer_pre_hook)
         optimizer.register_step_post_hook(self.tracker.optimizer_post_hook)
+        if self._device_steps is not None:
+            steps = self._device_steps
+            optimizer.register_step_pre_hook(lambda *_: steps.before_update())
+            optimizer.register_step_post_hook(lambda *_: steps.after_update())
         if scaler is not None:
             # GradScaler.update changes its state after the step; it must count
             # as dirty like the optimizer step itself (an instance attribute,

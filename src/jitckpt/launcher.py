@@ -172,14 +172,18 @@ def _launch(config, cmd, entry_args, control_dir: Path, term_grace_s: float) -> 
         master_port=master_port,
         local_addr=config.local_addr,
     )
+    # shutdown_timeout is newer than torch 2.6 (this project's floor).
+    extra = (
+        {"shutdown_timeout": config.shutdown_timeout} if hasattr(config, "shutdown_timeout") else {}
+    )
     agent = JitAgent(
         spec=spec,
         logs_specs=config.logs_specs,
         start_method=config.start_method,
         log_line_prefix_template=config.log_line_prefix_template,
-        shutdown_timeout=config.shutdown_timeout,
         control_dir=control_dir,
         term_grace_s=term_grace_s,
+        **extra,
     )
     status = 1
     outcome = "failed"

@@ -94,20 +94,34 @@ class TrainingState:
                     addresses.add(value.untyped_storage().data_ptr())
         return addresses
 
-    def tree(self, step: int, rank: int, boundary: Mapping[str, Any]) -> dict[str, Any]:
-        """The state as nested containers of live tensors and plain values."""
+    def tree(
+        self,
+        step: int,
+        rank: int,
+        boundary: Mapping[str, Any],
+        components: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The state as nested containers of live tensors and plain values.
+        ``components`` replaces the live model/optimizer/... part (a view
+        taken earlier: jitckpt.gpu)."""
         return {
             "step": step,
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            **(components if components is not None else self.components()),
             "data": boundary.get("data"),
             "rng": (
                 {"rank": rank, "state": rng.to_checkpoint(boundary["rng"])}
                 if boundary.get("rng")
                 else None
             ),
+        }
+
+    def components(self) -> dict[str, Any]:
+        """The model, optimizer, scheduler, scaler and extras state dicts."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
         }
 
