@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _common import source_state
+
 from jitckpt.events import EventLog
 from jitckpt.periodic import PeriodicSaver
 from jitckpt.state import TrainingState
@@ -162,7 +162,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2.5M parameters, 2 repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shm-dir", default="/dev/shm", help="host shared memory (staging)")
-    parser.add_argument("--disk-dir", default=None, help="a directory on disk (default: a temp dir)")
+    parser.add_argument(
+        "--disk-dir", default=None, help="a directory on disk (default: a temp dir)"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
