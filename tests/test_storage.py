@@ -26,8 +26,15 @@ def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
         "10",
         "--deterministic",
     ]
-    first = jitckpt_run(
-        "--max-restarts", "0", "--inject", "kill@step=25,rank=2,phase=backward", *args
+    first = jitckpt_run(  # fmt: skip
+        # The restart path with no restart left: the job ends at the failure.
+        "--recovery",
+        "restart",
+        "--max-restarts",
+        "0",
+        "--inject",
+        "kill@step=25,rank=2,phase=backward",
+        *args,
     )
     assert first.returncode != 0, show(first)
     kinds: dict[str, int] = {}
