@@ -22,6 +22,9 @@ from jitckpt.summary import summarize
 
 STEPS = 12
 FAIL_STEP = 6
+# These drills are of the restart path (in-process recovery, the default
+# where it applies, has its own in test_inprocess.py).
+RESTART = ("--recovery", "restart")
 
 
 def train_args(
@@ -44,7 +47,7 @@ def train_args(
 @pytest.fixture(scope="module")
 def reference_digest(tmp_path_factory: pytest.TempPathFactory) -> str:
     base = tmp_path_factory.mktemp("reference")
-    launch = jitckpt_run(*train_args(base / "run", base / "digest"))
+    launch = jitckpt_run(*RESTART, *train_args(base / "run", base / "digest"))
     assert launch.returncode == 0, show(launch)
     assert launch.resumed_steps() == []
     return (base / "digest").read_text().strip()
@@ -91,6 +94,7 @@ def test_kill_in_phase_resumes_exactly(
     tmp_path: Path, reference_digest: str, phase: str, expected_resume: int
 ) -> None:
     launch = jitckpt_run(
+        *RESTART,
         "--inject",
         f"kill@step={FAIL_STEP},rank=2,phase={phase}",
         *train_args(tmp_path / "run", tmp_path / "digest"),
@@ -105,6 +109,7 @@ def test_kill_in_phase_resumes_exactly(
 
 def test_raise_in_forward_resumes_exactly(tmp_path: Path, reference_digest: str) -> None:
     launch = jitckpt_run(
+        *RESTART,
         "--inject",
         f"raise@step={FAIL_STEP},rank=1,phase=forward",
         *train_args(tmp_path / "run", tmp_path / "digest"),
@@ -118,6 +123,7 @@ def test_raise_in_forward_resumes_exactly(tmp_path: Path, reference_digest: str)
 
 def test_two_failures_in_one_run(tmp_path: Path, reference_digest: str) -> None:
     launch = jitckpt_run(
+        *RESTART,
         "--inject", "kill@step=3,rank=1,phase=backward",
         "--inject", "kill@step=8,rank=3,phase=forward",
         *train_args(tmp_path / "run", tmp_path / "digest"),
@@ -150,6 +156,7 @@ def test_preemption_saves_stops_and_resumes_on_rerun(tmp_path: Path, reference_d
 def test_resume_without_deterministic_mode_continues_the_loss_curve(tmp_path: Path) -> None:
     steps, fail = 40, 25
     launch = jitckpt_run(
+        *RESTART,
         "--inject", f"kill@step={fail},rank=3,phase=backward",
         *train_args(tmp_path / "run", tmp_path / "digest", steps=steps, deterministic=False),
     )  # fmt: skip
@@ -182,6 +189,7 @@ def test_hang_is_detected_and_resumes_exactly(
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
+        *RESTART,
         "--inject",
         f"hang@step={FAIL_STEP},rank=2,phase={phase}",
         *train_args(run_dir, tmp_path / "digest"),
@@ -203,6 +211,7 @@ def test_kill_during_the_jit_save_leaves_the_other_copies(
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
+        *RESTART,
         "--inject", f"kill@step={FAIL_STEP},rank=2,phase=backward",
         "--inject", f"kill@step={FAIL_STEP},rank=1,phase=save",
         *train_args(run_dir, tmp_path / "digest"),
@@ -219,6 +228,7 @@ def test_kill_during_restore_then_the_next_attempt_succeeds(
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
+        *RESTART,
         "--inject", f"kill@step={FAIL_STEP},rank=2,phase=backward",
         "--inject", f"kill@step={FAIL_STEP},rank=0,phase=restore",
         *train_args(run_dir, tmp_path / "digest"),
@@ -251,6 +261,7 @@ def test_second_failure_on_the_first_step_after_resume(
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
+        *RESTART,
         "--inject", f"kill@step={FAIL_STEP},rank=2,phase=forward",
         # Unreachable in the first attempt (step 6's all-reduce never completes);
         # it strikes the first step after the resume.
@@ -268,6 +279,7 @@ def test_optimizer_phase_race_resolves_to_one_step(tmp_path: Path, reference_dig
     step 7). Every rank must load the same, newest checkpoint."""
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
+        *RESTART,
         "--inject", f"kill@step={FAIL_STEP},rank=2,phase=optimizer",
         "--inject", f"raise@step={FAIL_STEP},rank=3,phase=optimizer",
         *train_args(run_dir, tmp_path / "digest"),
@@ -290,7 +302,7 @@ def test_rank_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> 
     grace = 2.0
     tag = uuid.uuid4().hex
     cmd = [
-        sys.executable, "-m", "jitckpt", "run", "--standalone", "--nproc-per-node", "4", "--term-grace", str(grace),
+        sys.executable, "-m", "jitckpt", "run", "--standalone", "--nproc-per-node", "4", "--term-grace", str(grace), *RESTART,
         *train_args(run_dir, tmp_path / "digest", steps=40),
     ]  # fmt: skip
     env = dict(os.environ, JITCKPT_TEST_TAG=tag, OMP_NUM_THREADS="1")

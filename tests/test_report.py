@@ -24,6 +24,10 @@ FAIL_STEP = 4
 def drill_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("report") / "run"
     launch = jitckpt_run(
+        # The restart path: its attempts, restart and restore are what the
+        # timeline cuts into phases.
+        "--recovery",
+        "restart",
         "--inject",
         f"kill@step={FAIL_STEP},rank=1,phase=backward",
         str(TINY),

@@ -54,7 +54,10 @@ def test_restart_restores_from_the_staged_copy(
     tmp_path: Path, stage_dir: Path, reference: str
 ) -> None:
     run_dir, digest = tmp_path / "run", tmp_path / "digest"
-    launch = run(run_dir, digest, stage_dir, "--inject", "kill@step=4,rank=1,phase=forward")
+    launch = run(
+        run_dir, digest, stage_dir,
+        "--recovery", "restart", "--inject", "kill@step=4,rank=1,phase=forward",
+    )  # fmt: skip
     assert launch.returncode == 0, show(launch)
     assert launch.resumed_steps() == [4], show(launch)
     events = read_events(run_dir)

@@ -33,7 +33,8 @@ def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
     reference = jitckpt_run(*args(tmp_path / "ref", tmp_path / "ref.digest"))
     assert reference.returncode == 0, show(reference)
     first = jitckpt_run(
-        "--max-restarts", "0", "--inject", "kill@step=25,rank=2,phase=backward",
+        # The restart path with no restart left: the job ends at the failure.
+        "--recovery", "restart", "--max-restarts", "0", "--inject", "kill@step=25,rank=2,phase=backward",
         *args(run_dir, tmp_path / "digest"),
     )  # fmt: skip
     assert first.returncode != 0, show(first)
@@ -125,7 +126,7 @@ def test_disk_full_during_a_jit_save_keeps_the_previous_checkpoint(
     )
     assert reference.returncode == 0, show(reference)
     launch = jitckpt_run(
-        "--inject", "raise@step=4,rank=0,phase=forward",
+        "--recovery", "restart", "--inject", "raise@step=4,rank=0,phase=forward",
         *args, "--run-dir", str(run_dir), "--digest", str(tmp_path / "digest"),
         nproc=1,
     )  # fmt: skip

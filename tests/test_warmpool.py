@@ -346,7 +346,7 @@ def test_a_launch_through_the_pool_leaves_no_process(tmp_path: Path) -> None:
     pool and leaves nothing running: the zygote and every worker carry the
     launcher's tag, and all are gone when the launcher returns."""
     launch = jitckpt_run(
-        "--inject", "kill@step=3,rank=1", str(TINY), "--steps", "5", "--run-dir", str(tmp_path / "run"),
+        "--recovery", "restart", "--inject", "kill@step=3,rank=1", str(TINY), "--steps", "5", "--run-dir", str(tmp_path / "run"),
         nproc=2, env=client_env(None),
     )  # fmt: skip
     assert launch.returncode == 0, show(launch)

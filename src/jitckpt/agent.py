@@ -11,22 +11,35 @@ these changes for JIT checkpointing.
 * A worker that reports a fatal error (a checkpoint that does not fit the
   model, an unusable run directory) stops the restarts: no attempt can
   succeed, and the user should see the error at once.
+* With in-process recovery on, each worker runs in its own process context
+  (jitckpt.workers) and a failed worker is replaced alone while the others
+  keep running (jitckpt.inprocess); when that cannot apply, the agent says
+  why and takes the restart path.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import signal
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import torch.distributed as dist
+from torch.distributed.elastic.agent.server import local_elastic_agent
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
+from jitckpt import distributed, inprocess
 from jitckpt.events import EventLog
+from jitckpt.workers import WorkerProcesses
 
 
 def worker_group_run_id(agent: LocalElasticAgent) -> str | None:
@@ -42,15 +55,32 @@ SAVING_DIR = "saving"
 # The longest the agent waits for savers before SIGKILL, however long the
 # save: a bound for a writer stuck on dead storage.
 MAX_SAVE_WAIT_S = 300.0
+# In-process recoveries allowed per attempt before the restart path takes
+# over: a failure that strikes every replacement again (a bug, not a fault)
+# must not loop forever.
+MAX_INPROCESS_RECOVERIES = 50
 
 
 class JitAgent(LocalElasticAgent):
-    def __init__(self, *args: Any, control_dir: Path, term_grace_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        control_dir: Path,
+        term_grace_s: float,
+        inprocess: bool = False,
+        spares: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.control_dir = control_dir
         self.term_grace_s = term_grace_s
+        self.inprocess = inprocess
+        self.spares = spares
         self._events: EventLog | None = None
         self.fatal_message: str | None = None
+        self._recovery_store: dist.Store | None = None
+        self._recovering: int | None = None
+        self._recoveries = 0
 
     def events(self) -> EventLog | None:
         """The run's event log, once a worker has said where the run dir is."""
@@ -73,7 +103,10 @@ class JitAgent(LocalElasticAgent):
         )
         os.environ["JITCKPT_RDZV_ROUND"] = str(getattr(state, "round", "na"))
         shutil.rmtree(self.control_dir / SAVING_DIR, ignore_errors=True)
-        pids = super()._start_workers(worker_group)
+        if self.inprocess:
+            pids = self._start_workers_apart(worker_group)
+        else:
+            pids = super()._start_workers(worker_group)
         # When one worker fails, the process context closes its siblings with
         # close()'s default 30 s SIGKILL grace (PLATFORM.md: --shutdown-timeout
         # does not apply there). Ours is shorter, but stretches while a worker
@@ -91,6 +124,31 @@ class JitAgent(LocalElasticAgent):
                 original_close(death_sig, timeout)  # type: ignore[arg-type]
 
             pcontext.close = close  # type: ignore[method-assign]
+        return pids
+
+    def _start_workers_apart(self, worker_group: WorkerGroup) -> dict[int, Any]:
+        """LocalElasticAgent builds every worker's arguments and environment;
+        its one call to start_processes is diverted so that each worker gets
+        a process context of its own (jitckpt.workers)."""
+        spares = self.spares
+
+        def start_apart(**launch: Any) -> WorkerProcesses:
+            return WorkerProcesses(launch, spares)
+
+        with mock.patch.object(local_elastic_agent, "start_processes", start_apart):
+            pids = super()._start_workers(worker_group)
+        restart_count = worker_group.spec.max_restarts - self._remaining_restarts
+        client = dist.TCPStore(
+            host_name=str(worker_group.master_addr),
+            port=int(worker_group.master_port or 0),
+            is_master=False,
+            timeout=timedelta(seconds=30),
+            wait_for_workers=False,
+        )
+        prefix = distributed.attempt_prefix(os.environ["JITCKPT_RDZV_ROUND"], restart_count)
+        self._recovery_store = dist.PrefixStore(prefix, client)
+        self._recovering = None
+        self._recoveries = 0
         return pids
 
     def _terminate_patiently(self, pcontext: Any, death_sig: signal.Signals) -> None:
@@ -125,7 +183,10 @@ class JitAgent(LocalElasticAgent):
             self._shutdown()
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
-        result = super()._monitor_workers(worker_group)
+        if isinstance(self._pcontext, WorkerProcesses):
+            result = self._monitor_apart(worker_group, self._pcontext)
+        else:
+            result = super()._monitor_workers(worker_group)
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             events = self.events()
             if events is not None:
@@ -153,3 +214,137 @@ class JitAgent(LocalElasticAgent):
             events.emit(
                 "restart", duration=time.time() - started, restarts_left=self._remaining_restarts
             )
+
+    # -- in-process recovery ----------------------------------------------------------
+    def _monitor_apart(self, worker_group: WorkerGroup, procs: WorkerProcesses) -> RunResult:
+        store = self._recovery_store
+        assert store is not None
+        self._serve_kill_requests(worker_group, procs, store)
+        procs.reap_spares()
+        procs.refill_spares()
+        failures = procs.poll()
+        if not failures:
+            if procs.all_succeeded():
+                procs.close()  # the spares
+                return RunResult(
+                    state=WorkerState.SUCCEEDED,
+                    return_values={w.global_rank: None for w in worker_group.workers},
+                )
+            self._check_recovery_done(worker_group, store)
+            return RunResult(state=WorkerState.HEALTHY)
+        reason = self._why_not_in_process(worker_group, procs, failures, store)
+        if reason is None:
+            self._recover_in_process(worker_group, procs, failures, store)
+            return RunResult(state=WorkerState.HEALTHY)
+        events = self.events()
+        if events is not None:
+            events.emit("inproc_fallback", reason=reason)
+        print(
+            f"jitckpt: in-process recovery does not apply ({reason}); restarting all workers",
+            file=sys.stderr,
+            flush=True,
+        )
+        return RunResult(
+            state=WorkerState.FAILED,
+            failures={
+                worker_group.workers[local_rank].global_rank: failure
+                for local_rank, failure in failures.items()
+            },
+        )
+
+    def _why_not_in_process(
+        self,
+        worker_group: WorkerGroup,
+        procs: WorkerProcesses,
+        failures: dict[int, ProcessFailure],
+        store: dist.Store,
+    ) -> str | None:
+        if self._recovering is not None:
+            return f"a failure during in-process recovery {self._recovering}"
+        if len(failures) + len(procs.succeeded) >= len(procs.contexts):
+            return "no surviving worker"
+        if list(self.control_dir.glob("fatal-*")):
+            return "a worker reported a fatal error"
+        if self._recoveries >= MAX_INPROCESS_RECOVERIES:
+            return f"{MAX_INPROCESS_RECOVERIES} in-process recoveries in this attempt"
+        world_size = worker_group.workers[0].world_size
+        missing = [
+            rank
+            for rank in range(world_size)
+            if not store.check([inprocess.CAPABLE_KEY.format(rank=rank)])
+        ]
+        if missing:
+            return (
+                f"rank(s) {missing} not ready for it (it needs deterministic mode, DDP, "
+                f"and a failure after training started)"
+            )
+        return None
+
+    def _recover_in_process(
+        self,
+        worker_group: WorkerGroup,
+        procs: WorkerProcesses,
+        failures: dict[int, ProcessFailure],
+        store: dist.Store,
+    ) -> None:
+        generation = store.add(inprocess.GENERATION_COUNTER, 1)
+        dead = {local_rank: worker_group.workers[local_rank].global_rank for local_rank in failures}
+        notice = {
+            "generation": generation,
+            "dead": sorted(dead.values()),
+            "t": time.time(),
+            "failure_t": time.time(),  # when this agent saw the exit
+        }
+        store.set(inprocess.NOTICE_KEY.format(generation=generation), json.dumps(notice))
+        events = self.events()
+        for local_rank, rank in dead.items():
+            spare = procs.take_spare()
+            if spare is not None:
+                assignment = {"rank": rank, "local_rank": local_rank, "generation": generation}
+                store.set(inprocess.SPARE_KEY.format(spare=spare.spare_id), json.dumps(assignment))
+                procs.adopt(local_rank, spare)
+                kind = "spare"
+            else:
+                procs.spawn_replacement(local_rank, generation)
+                kind = "fresh"
+            worker = worker_group.workers[local_rank]
+            worker.id = procs.pids()[local_rank]
+            if events is not None:
+                events.emit(
+                    "inproc_begin",
+                    generation=generation,
+                    failed_rank=rank,
+                    exitcode=failures[local_rank].exitcode,
+                    worker_pid=failures[local_rank].pid,
+                    replacement=kind,
+                    replacement_pid=worker.id,
+                )
+        procs.refill_spares()
+        self._recovering = generation
+        self._recoveries += 1
+
+    def _check_recovery_done(self, worker_group: WorkerGroup, store: dist.Store) -> None:
+        if self._recovering is None:
+            return
+        key = inprocess.DONE_COUNTER.format(generation=self._recovering)
+        if store.add(key, 0) >= worker_group.workers[0].world_size:
+            self._recovering = None
+
+    def _serve_kill_requests(
+        self, worker_group: WorkerGroup, procs: WorkerProcesses, store: dist.Store
+    ) -> None:
+        """Survivors that see a peer hang ask for it to be killed: the kill
+        turns a hang into the exit that in-process recovery handles."""
+        for local_rank, context in procs.contexts.items():
+            rank = worker_group.workers[local_rank].global_rank
+            key = inprocess.KILL_KEY.format(rank=rank)
+            if not store.check([key]):
+                continue
+            request = json.loads(store.get(key).decode())
+            store.delete_key(key)
+            # A request made before the last recovery may name a rank that a
+            # replacement holds now: only the generation it was made in counts.
+            if int(request["generation"]) == store.add(inprocess.GENERATION_COUNTER, 0):
+                for handler in getattr(context, "subprocess_handlers", {}).values():
+                    if handler.proc.poll() is None:
+                        handler.proc.kill()

@@ -150,7 +150,17 @@ class Archive:
             handle.write(chunk)
 
     def to_bytes(self) -> bytes:
-        return b"".join(bytes(chunk) for chunk in self.chunks())
+        return bytes(self.to_bytearray())
+
+    def to_bytearray(self) -> bytearray:
+        """The archive in one buffer (to send it over the network)."""
+        out = bytearray(self.size)
+        position = 0
+        for chunk in self.chunks():
+            view = memoryview(chunk).cast("B")
+            out[position : position + len(view)] = view
+            position += len(view)
+        return out
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:

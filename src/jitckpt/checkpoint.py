@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jitckpt import __version__, distributed, rng, signals, storage
+from jitckpt import __version__, distributed, inprocess, rng, signals, storage
 from jitckpt.archive import Archive
 from jitckpt.comm import CanonicalAllreduce, observed_allreduce_hook
 from jitckpt.data import DataPosition
@@ -161,7 +161,14 @@ class JitCheckpoint:
         self.staging = (
             Staging(stage_root, self.run_id, self.storage, self.run_dir) if stage_root else None
         )
-        self.rank, self.world_size = _rank_and_world()
+        # A spare or replacement joins a running job: it learns its rank here
+        # (a spare waits for it) and takes its state from a peer, not storage.
+        self._joining = inprocess.joining()
+        if self._joining is not None:
+            self.rank, self.world_size = self._joining["rank"], int(os.environ["WORLD_SIZE"])
+            _adopt_rank(loader, self.rank)
+        else:
+            self.rank, self.world_size = _rank_and_world()
         self.attempt = distributed.attempt()
         self.deterministic = deterministic
         self.seed = seed
@@ -193,12 +200,35 @@ class JitCheckpoint:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self._distributed = dist.is_available() and dist.is_initialized()
+        self.watchdog = Watchdog(self.tracker, self._on_hang, hang_timeout_s)
+        self.recovery = (
+            inprocess.InProcessRecovery(
+                self.rank,
+                self.world_size,
+                model,
+                self.state,
+                self.tracker,
+                self.events,
+                pause_watchdog=lambda: self.watchdog.pause(),
+                resume_watchdog=lambda: self.watchdog.resume(),
+            )
+            if inprocess.applies(model, deterministic=deterministic, uses_store=self._uses_store())
+            else None
+        )
         self._install_hooks(model, optimizer, scaler)
         signals.install()
         signals.set_callback(self._on_signal)
         self._announce()
-        self.start_step = self._restore()
-        self._resumed = self.start_step > 0
+        if self._joining is not None:
+            if self.recovery is None:
+                raise RuntimeError("a spare or replacement needs in-process recovery")
+            self.start_step = self.recovery.join(self._joining)
+            self._resumed = False
+        else:
+            self.start_step = self._restore()
+            self._resumed = self.start_step > 0
+        if self.recovery is not None:
+            self.recovery.start()
         self.keep_jit = keep_jit
         self.periodic = (
             PeriodicSaver(
@@ -207,7 +237,6 @@ class JitCheckpoint:
             if (save_every or save_every_s) and self.rank == 0
             else None
         )
-        self.watchdog = Watchdog(self.tracker, self._on_hang, hang_timeout_s)
         self.heartbeat = (
             Heartbeat(distributed.side_store(), self.rank, self.tracker)
             if self._uses_store()
@@ -260,6 +289,8 @@ class JitCheckpoint:
         self.watchdog.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.recovery is not None:
+            self.recovery.stop()
 
     def save(self, reason: str = "manual", *, wait_s: float | None = None) -> Path | None:
         """Save the state of the last completed step now (JIT kind). Returns the
@@ -402,6 +433,8 @@ class JitCheckpoint:
         if self._device_steps is not None:
             self._device_steps.boundary(step, snapshot)
         self.tracker.boundary(step, snapshot)
+        if self.recovery is not None:
+            self.recovery.on_boundary(step)
         if self._resumed and step == self.start_step + 1:
             self.events.emit("first_step_done", step=step)
             if self.rank == 0:
@@ -498,9 +531,13 @@ class JitCheckpoint:
         model.register_forward_hook(watch_output)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             if self.deterministic:
-                model.register_comm_hook(
-                    None, CanonicalAllreduce(list(model.parameters()), on_bucket).hook
+                reducer = CanonicalAllreduce(
+                    list(model.parameters()),
+                    on_bucket,
+                    self.recovery,
+                    lambda: tracker.position().completed,
                 )
+                model.register_comm_hook(None, reducer.hook)
             elif injector.wants("allreduce"):
                 model.register_comm_hook(None, observed_allreduce_hook(on_bucket))
             else:
@@ -534,6 +571,7 @@ class JitCheckpoint:
             world_size=self.world_size,
             process_start=_process_start_time(),
             signal_mechanism=signals.mechanism(),
+            joined=self._joining is not None,
         )
 
     # -- restore ------------------------------------------------------------------
@@ -694,7 +732,11 @@ class JitCheckpoint:
         median = self.tracker.median_step_time() or 0.0
         return max(DIRTY_WAIT_FLOOR_S, DIRTY_WAIT_STEPS * median)
 
-    def _on_hang(self, stalled_s: float, timeout_s: float) -> None:
+    def _on_hang(self, stalled_s: float, timeout_s: float) -> bool:
+        """The watchdog fired. Returns True to keep watching (in-process
+        recovery of a hung peer is under way), else the process ends."""
+        if self.recovery is not None and self.recovery.pending():
+            return True
         # Naming suspects needs the store, whose host may be the node that
         # died: bounded, best effort, and never in the way of the save.
         found: dict[int, str] = {}
@@ -711,6 +753,22 @@ class JitCheckpoint:
         described = (
             ", ".join(f"rank {r} {kind}" for r, kind in sorted(suspects.items())) or "none named"
         )
+        if self.recovery is not None and suspects and self.rank not in suspects:
+            # A peer hangs and this rank is healthy: have the launcher kill the
+            # peer, which turns the hang into an exit it recovers from in process.
+            self.events.emit(
+                "detect",
+                cause="hang",
+                detail=f"no progress for {stalled_s:.2f} s; suspects: {described}",
+                inprocess=True,
+                suspects={str(r): kind for r, kind in suspects.items()},
+                stalled_s=stalled_s,
+                timeout_s=timeout_s,
+                median_step_s=self.tracker.median_step_time(),
+                **self.tracker.position().as_dict(),
+            )
+            self.recovery.request_kill(sorted(suspects))
+            return True
         self._fail(
             "hang",
             f"no progress for {stalled_s:.2f} s (timeout {timeout_s:.2f} s); suspects: {described}",
@@ -720,6 +778,7 @@ class JitCheckpoint:
             stalled_s=stalled_s,
             timeout_s=timeout_s,
         )
+        return False
 
     def _on_signal(self, signum: int) -> None:
         self._fail(
@@ -790,6 +849,15 @@ class JitCheckpoint:
                     sys.stderr.flush()
                 finally:
                     os._exit(exit_code)
+
+
+def _adopt_rank(loader: Any, rank: int) -> None:
+    """A hot spare built its loader before it knew its rank: the sampler
+    splits the data by the rank it read then (DistributedSampler keeps it as
+    an attribute and uses it only when an epoch's iterator starts)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        sampler.rank = rank
 
 
 def _process_start_time() -> float | None:

@@ -16,8 +16,9 @@ fewer buckets than its peers: PLATFORM.md) and the fault injector fires its
 DDP checks the hook's annotations at runtime and rejects string ones.)
 """
 
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,17 +27,54 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 BucketCallback = Callable[[], None]
 
 
+class Recovery(Protocol):
+    """What the deterministic hook needs from in-process recovery
+    (jitckpt.inprocess.InProcessRecovery)."""
+
+    def pending(self) -> bool: ...
+    def add_waiter(self, event: threading.Event) -> None: ...
+    def remove_waiter(self, event: threading.Event) -> None: ...
+    def wait_notice(self, timeout: float) -> bool: ...
+    def abandon(self, leftover: Any) -> None: ...
+    def recover(self, step: int, last_reduced: torch.Tensor | None) -> torch.Tensor | None: ...
+
+
+# How long a rank whose all-reduce failed (a ring neighbour of a dead rank)
+# waits for the launcher's recovery notice before it lets the error go to
+# the restart path. The launcher notices an exit within its 0.1 s monitor
+# interval; this only bounds a launcher that decided against recovery.
+NOTICE_TIMEOUT_S = 10.0
+
+
 class CanonicalAllreduce:
     """Deterministic gradient reduction: waits for the last bucket of the
     backward, then all-reduces every gradient in one flat buffer laid out in
     parameter order, whatever DDP's bucket layout is. One collective per step
     (no overlap with backward: deterministic mode trades speed for exactness).
+
+    With ``recovery`` the hook also survives a dead peer: it waits on the
+    all-reduce from Python, so a recovery notice wakes it even when gloo
+    never returns (nothing cancels a pending gloo call: PLATFORM.md), hands
+    over to ``recovery`` (new group, state to the replacement), and reduces
+    again on the new group. The training thread never sees an error and the
+    script's loop needs no change. ``step()`` says which step is in flight.
     """
 
-    def __init__(self, parameters: list[torch.nn.Parameter], on_bucket: BucketCallback) -> None:
+    def __init__(
+        self,
+        parameters: list[torch.nn.Parameter],
+        on_bucket: BucketCallback,
+        recovery: Recovery | None = None,
+        step: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.order = {id(p): i for i, p in enumerate(parameters)}
         self.on_bucket = on_bucket
+        self.recovery = recovery
+        self.step = step
         self.pending: list[tuple[dist.GradBucket, torch.futures.Future[torch.Tensor]]] = []
+        # The result of the last completed all-reduce: a rank that fell one
+        # all-reduce behind in a recovery receives it instead of redoing it.
+        self.last_reduced: torch.Tensor | None = None
 
     def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         self.on_bucket()
@@ -48,31 +86,61 @@ class CanonicalAllreduce:
         if not bucket.is_last():
             return result
         pending, self.pending = self.pending, []
-        group = state if state is not None else dist.group.WORLD
         grads = sorted(
             (self.order[id(p)], g)
             for b, _ in pending
             for p, g in zip(b.parameters(), b.gradients(), strict=True)
         )
+        group = state if state is not None else dist.group.WORLD
         flat = torch.cat([g.reshape(-1) for _, g in grads]).div_(dist.get_world_size(group))
-        work = dist.all_reduce(flat, group=group, async_op=True)
-
-        def scatter(done: torch.futures.Future[Any]) -> None:
-            try:
-                done.value()
-                offset = 0
-                for _, grad in grads:
-                    grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-                    offset += grad.numel()
-            except Exception as exc:  # noqa: BLE001 - every waiting bucket must see the error
-                for _, fut in pending:
-                    fut.set_exception(exc)  # type: ignore[arg-type]
-                return
-            for b, fut in pending:
-                fut.set_result(b.buffer())
-
-        work.get_future().then(scatter)  # type: ignore[union-attr]
+        try:
+            reduced = self._reduce(flat, state)
+        except Exception as exc:  # noqa: BLE001 - every waiting bucket must see the error
+            for _, fut in pending:
+                fut.set_exception(exc)  # type: ignore[arg-type]
+            return result
+        offset = 0
+        for _, grad in grads:
+            grad.copy_(reduced[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        self.last_reduced = reduced
+        for b, fut in pending:
+            fut.set_result(b.buffer())
         return result
+
+    def _reduce(self, local: torch.Tensor, state: Any) -> torch.Tensor:
+        recovery = self.recovery
+        if recovery is None:
+            dist.all_reduce(local, group=state if state is not None else dist.group.WORLD)
+            return local
+        while True:
+            if recovery.pending():
+                received = recovery.recover(self.step(), self.last_reduced)
+                if received is not None:
+                    return received
+            # A private copy per try: an abandoned all-reduce may still write
+            # into its buffer much later (PLATFORM.md, rule 3).
+            flat = local.clone()
+            woken = threading.Event()
+            recovery.add_waiter(woken)
+            try:
+                work = dist.all_reduce(flat, group=dist.group.WORLD, async_op=True)
+                done = work.get_future()  # type: ignore[union-attr]
+                done.add_done_callback(lambda _, woken=woken: woken.set())
+                woken.wait()
+            finally:
+                recovery.remove_waiter(woken)
+            if not done.done():
+                recovery.abandon((work, done, flat))  # a peer died: recover, then retry
+                continue
+            try:
+                done.wait()
+            except Exception:
+                if not recovery.wait_notice(NOTICE_TIMEOUT_S):
+                    raise
+                recovery.abandon((work, done, flat))
+                continue
+            return flat
 
 
 def observed_allreduce_hook(on_bucket: BucketCallback) -> Callable[..., Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -66,11 +67,59 @@ def init_process_group(
         )
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
-    store = attempt_store()
     extra: dict[str, object] = dict(kwargs)
     if timeout is not None:
         extra["timeout"] = timeout
+    _group_settings.update(backend=backend, extra=extra)
+    if role() != "worker":
+        # A spare or replacement runs the script's setup (model, DDP,
+        # optimizer) before its peers are ready to meet it: a placeholder
+        # group with no communication lets DDP's constructor run locally.
+        # JitCheckpoint then joins the job's group (jitckpt.inprocess).
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers "fake")
+
+        dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+        return
+    store = attempt_store()
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **extra)  # type: ignore[arg-type]
+
+
+# What the script passed to init_process_group: groups re-formed by
+# in-process recovery use the same backend and options.
+_group_settings: dict[str, Any] = {"backend": "gloo", "extra": {}}
+
+# JITCKPT_ROLE: "worker" (default), "spare" (a hot spare waiting for an
+# assignment) or "replacement" (a fresh process spawned for a dead rank).
+ROLE_ENV = "JITCKPT_ROLE"
+# A spare's name in the store; the generation a fresh replacement joins.
+SPARE_ID_ENV = "JITCKPT_SPARE_ID"
+JOIN_GENERATION_ENV = "JITCKPT_JOIN_GENERATION"
+
+
+def role() -> str:
+    return os.environ.get(ROLE_ENV, "worker")
+
+
+def generation_prefix(generation: int) -> str:
+    """Store prefix of the group formed by in-process recovery ``generation``."""
+    return f"{_attempt_prefix()}/gen_{generation}"
+
+
+def form_group(generation: int, rank: int, world_size: int) -> None:
+    """Make the default group a new one, over keys private to ``generation``.
+    The caller keeps a reference to the old group (see jitckpt.inprocess):
+    destroying the registry entry is instant, dropping a gloo group with
+    pending work is not (PLATFORM.md)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    store = dist.PrefixStore(generation_prefix(generation), base_store())
+    dist.init_process_group(  # type: ignore[call-overload]
+        _group_settings["backend"],
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        **_group_settings["extra"],
+    )
 
 
 def base_store() -> dist.Store:
@@ -88,10 +137,13 @@ def base_store() -> dist.Store:
 
 
 def _attempt_prefix() -> str:
+    return attempt_prefix(os.environ.get("JITCKPT_RDZV_ROUND", "na"), attempt())
+
+
+def attempt_prefix(round_: object, attempt_: int) -> str:
     # The rendezvous round (set by jitckpt's agent) separates membership
     # changes, which do not bump the restart count.
-    round_ = os.environ.get("JITCKPT_RDZV_ROUND", "na")
-    return f"jitckpt/round_{round_}/attempt_{attempt()}"
+    return f"jitckpt/round_{round_}/attempt_{attempt_}"
 
 
 def side_store() -> dist.Store:

@@ -41,6 +41,9 @@ DEFAULT_MAX_RESTARTS = 3
 # a save is in progress, see jitckpt.agent); a wedged one only delays the
 # restart by it.
 DEFAULT_TERM_GRACE_S = 5.0
+# Tells workers that in-process recovery is on (jitckpt.inprocess.ENABLED_ENV;
+# spelled out here so the launcher does not import torch before the pool).
+INPROCESS_ENV = "JITCKPT_INPROCESS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="K",
-        help="hot spare processes per node for in-process recovery (not available in this version: must be 0)",
+        help="hot spare processes per node for in-process recovery: each has imported torch and "
+        "built the model and optimizer, and takes a failed worker's place (default 0: a fresh "
+        "process is spawned instead)",
+    )
+    parser.add_argument(
+        "--recovery",
+        choices=("auto", "restart"),
+        default="auto",
+        help="auto (default): on a failure the healthy workers keep running and only the failed "
+        "one is replaced (in-process recovery), where that applies (one node, deterministic "
+        "mode, DDP); otherwise, and with 'restart', every worker restarts from the JIT checkpoint",
     )
     return parser
 
@@ -93,10 +106,8 @@ def run(argv: list[str]) -> int:
         specs = [parse_spec(text) for text in args.inject]
     except FaultSpecError as exc:
         parser.error(f"--inject: {exc}")
-    if args.spares:
-        parser.error(
-            "--spares: in-process recovery with hot spares is not available in this version; use --spares 0"
-        )
+    if args.spares < 0:
+        parser.error("--spares must be 0 or more")
     if args.term_grace <= 0:
         parser.error("--term-grace must be positive")
     if args.standalone:
@@ -130,14 +141,29 @@ def run(argv: list[str]) -> int:
             pool = start_pool()
             if pool is not None:
                 entry_args = pool.client_args(rest)
-        return _launch(config, cmd, entry_args, control_dir, args.term_grace)
+        inprocess = args.recovery == "auto" and config.max_nodes == 1
+        if args.spares and not inprocess:
+            parser.error("--spares needs in-process recovery (--recovery auto, one node)")
+        if inprocess:
+            os.environ[INPROCESS_ENV] = "1"
+        return _launch(
+            config, cmd, entry_args, control_dir, args.term_grace, inprocess, args.spares
+        )
     finally:
         if pool is not None:
             pool.close()
         shutil.rmtree(control_dir, ignore_errors=True)
 
 
-def _launch(config, cmd, entry_args, control_dir: Path, term_grace_s: float) -> int:  # type: ignore[no-untyped-def]
+def _launch(  # type: ignore[no-untyped-def]
+    config,
+    cmd,
+    entry_args,
+    control_dir: Path,
+    term_grace_s: float,
+    inprocess: bool = False,
+    spares: int = 0,
+) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -183,6 +209,8 @@ def _launch(config, cmd, entry_args, control_dir: Path, term_grace_s: float) -> 
         log_line_prefix_template=config.log_line_prefix_template,
         control_dir=control_dir,
         term_grace_s=term_grace_s,
+        inprocess=inprocess,
+        spares=spares,
         **extra,
     )
     status = 1

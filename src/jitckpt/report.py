@@ -11,7 +11,7 @@ from typing import Any
 
 from jitckpt.events import EVENTS_FILE, read_events
 from jitckpt.plotting import PlotUnavailable, pyplot
-from jitckpt.summary import format_summary
+from jitckpt.summary import format_summary, summarize_in_process
 from jitckpt.timeline import PHASES, build
 
 PHASE_COLOURS = {
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> int:
     events = read_events(args.run_dir)
     report = build(events)
     if args.json:
-        print(report_json(report))
+        print(report_json(dict(report, in_process=summarize_in_process(events))))
     else:
         ends = [e for e in events if e["event"] == "job_end"]
         print(format_summary(args.run_dir, ends[-1]["outcome"] if ends else None))

@@ -42,7 +42,9 @@ def attempt_groups(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
             continue
         key = (event.get("launch"), event["attempt"])
         group = current.get(key)
-        if group is None or (event["event"] == "start" and event.get("rank") in group[1]):
+        # A replacement that joins in process (jitckpt.inprocess) is not a new attempt.
+        restarted = event["event"] == "start" and not event.get("joined")
+        if group is None or (restarted and event.get("rank") in group[1]):
             group = ([], set())
             current[key] = group
             groups.append(group[0])
@@ -52,7 +54,98 @@ def attempt_groups(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return groups
 
 
+def _claimed_in_process(events: list[dict[str, Any]]) -> set[int]:
+    """Indexes of events that belong to in-process recoveries: everything the
+    replaced process logged about its failure, and survivors' in-process
+    detections. What is left is the restart path's."""
+    claimed = {i for i, e in enumerate(events) if e.get("inprocess")}
+    for begin in (e for e in events if e["event"] == "inproc_begin"):
+        starts = [
+            e
+            for e in events
+            if e["event"] == "start"
+            and e.get("rank") == begin["failed_rank"]
+            and e["t"] <= begin["t"]
+        ]
+        if not starts:
+            continue
+        pid = starts[-1].get("pid")
+        claimed |= {
+            i
+            for i, e in enumerate(events)
+            if e.get("pid") == pid
+            and e["event"] in ("fault_injected", "detect", "save", "save_skipped", "exit")
+            and e["t"] <= begin["t"]
+        }
+    return claimed
+
+
+def summarize_in_process(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per in-process recovery (group generation). Parts:
+    detect (failure until the launcher published the notice), unblock
+    (notice until the last survivor left the broken collective), re-form
+    (new group), transfer (state and gradients to the ranks behind), redo
+    (until every rank completed the step after the recovery)."""
+    records = []
+    for begin in (e for e in events if e["event"] == "inproc_begin"):
+        generation = begin["generation"]
+        recovered = [
+            e
+            for e in events
+            if e["event"] == "inproc_recovered"
+            and e["generation"] == generation
+            and begin["t"] - 1 <= e["t"]
+        ]
+        done = [
+            e
+            for e in events
+            if e["event"] == "inproc_step_done"
+            and e["generation"] == generation
+            and e["t"] >= begin["t"]
+        ]
+        injected = [
+            e
+            for e in events
+            if e["event"] == "fault_injected"
+            and e.get("rank") == begin["failed_rank"]
+            and begin["t"] - 30 <= e["t"] <= begin["t"]
+        ]
+        failure_t = injected[-1]["t"] if injected else begin["t"]
+        survivors = [e for e in recovered if e["role"] != "replacement"]
+        resumed = max((e["step"] for e in recovered), default=None)
+        begun = [e["step"] for e in injected] + ([resumed] if resumed is not None else [])
+        complete = len(done) >= len(recovered) > 0
+        records.append(
+            {
+                "generation": generation,
+                "fault": injected[-1]["spec"] if injected else None,
+                "failed_rank": begin["failed_rank"],
+                "replacement": begin["replacement"],
+                "replacement_pid": next(
+                    (e["pid"] for e in recovered if e["role"] == "replacement"), None
+                ),
+                "survivor_pids": sorted(e["pid"] for e in survivors),
+                "detect_s": begin["t"] - failure_t,
+                "unblock_s": max(e["unblocked_t"] for e in survivors) - begin["t"]
+                if survivors
+                else None,
+                "reform_s": max((e["reform_s"] for e in recovered), default=None),
+                "transfer_s": max((e["transfer_s"] for e in recovered), default=None),
+                "redo_s": max(e["t"] for e in done) - max(e["t"] for e in recovered)
+                if complete
+                else None,
+                "resumed_step": resumed,
+                "iterations_lost": max(begun) + 1 - resumed if resumed is not None else None,
+                "recovery_s": max(e["t"] for e in done) - failure_t if complete else None,
+            }
+        )
+    return records
+
+
 def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failures that took the restart path."""
+    claimed = _claimed_in_process(events)
+    events = [e for i, e in enumerate(events) if i not in claimed]
     attempts = attempt_groups(events)
     # Agent events carry no attempt: attach worker failures by time.
     agent_failures = [e for e in events if e["event"] == "worker_failed"]
@@ -128,6 +221,22 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
     lines = [
         f"jitckpt summary for {run_dir}: {outcome or 'run'}, {attempts} attempt(s), {len(failures)} failure(s)"
     ]
+    recoveries = summarize_in_process(events)
+    if recoveries:
+        lines.append(f"  {len(recoveries)} in-process recovery(ies) (survivors kept running):")
+    for r in recoveries:
+        lines.append(
+            f"  recovery {r['generation']}: {r['fault'] or 'worker exit'}, rank {r['failed_rank']} "
+            f"replaced by a {r['replacement']} process (pid {r['replacement_pid']})"
+        )
+        lines.append(
+            f"    detect {_fmt(r['detect_s'])}, unblock {_fmt(r['unblock_s'])}, re-form "
+            f"{_fmt(r['reform_s'])}, transfer {_fmt(r['transfer_s'])}, redo {_fmt(r['redo_s'])}"
+        )
+        lines.append(
+            f"    resumed at step {r['resumed_step']}, iterations lost: {r['iterations_lost']}; "
+            f"failure to next completed step {_fmt(r['recovery_s'])}"
+        )
     for index, f in enumerate(failures, 1):
         lines.append(
             f"  failure {index} (attempt {f['attempt']}): {f['fault'] or 'detected failure'}"

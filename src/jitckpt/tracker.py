@@ -63,6 +63,7 @@ class StepTracker:
         # progress. A plain int: one writer (the training thread), and readers
         # only compare values.
         self.progress = 0
+        self.step_start_progress = 0
         self._last_boundary: float | None = None
         self._step_times: deque[float] = deque(maxlen=STEP_TIME_WINDOW)
         # Opaque data captured at the boundary (loader position, RNG): the
@@ -74,6 +75,9 @@ class StepTracker:
         """Start of iteration ``completed``: the state is clean again."""
         now = time.monotonic()
         self.progress += 1
+        # Progress within the step is what ranks compare (a rank that joined
+        # later, a replacement, counted from zero).
+        self.step_start_progress = self.progress
         with self._cond:
             if self._last_boundary is not None:
                 self._step_times.append(now - self._last_boundary)

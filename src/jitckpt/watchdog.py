@@ -55,7 +55,8 @@ def hang_timeout(tracker: StepTracker, override: float | None) -> float:
 
 
 class Heartbeat:
-    """Publishes ``hb/<rank>`` = {t, progress, completed} every interval."""
+    """Publishes ``hb/<rank>`` = {t, progress, completed} every interval;
+    progress counts from the start of the step ``completed``."""
 
     def __init__(self, store: Any, rank: int, tracker: StepTracker) -> None:
         self.store = store
@@ -81,7 +82,7 @@ class Heartbeat:
         while not self._stop.is_set():
             record = {
                 "t": time.time(),
-                "progress": self.tracker.progress,
+                "progress": self.tracker.progress - self.tracker.step_start_progress,
                 "completed": self.tracker.position().completed,
             }
             try:
@@ -117,19 +118,21 @@ def read_suspects(store: Any, world_size: int, own_rank: int) -> dict[int, str]:
 
 
 class Watchdog:
-    """Fires ``on_hang(stalled_s, timeout_s)`` once, from its own thread,
-    when this rank's progress has been stuck for longer than the timeout."""
+    """Calls ``on_hang(stalled_s, timeout_s)`` from its own thread when this
+    rank's progress has been stuck for longer than the timeout; it keeps
+    watching (from zero) if that returns True, else it stops."""
 
     def __init__(
         self,
         tracker: StepTracker,
-        on_hang: Callable[[float, float], None],
+        on_hang: Callable[[float, float], bool | None],
         timeout_override: float | None = None,
     ) -> None:
         self.tracker = tracker
         self.on_hang = on_hang
         self.timeout_override = timeout_override
         self._paused = 0
+        self._pauses = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jitckpt-watchdog", daemon=True)
 
@@ -140,6 +143,9 @@ class Watchdog:
         self._stop.set()
 
     def pause(self) -> None:
+        # Counted, so that a pause shorter than the check interval still
+        # restarts the stall clock (a recovery of a few ms is not a stall).
+        self._pauses += 1
         self._paused += 1
 
     def resume(self) -> None:
@@ -147,14 +153,16 @@ class Watchdog:
 
     def _run(self) -> None:
         seen = self.tracker.progress
+        pauses = self._pauses
         changed = time.monotonic()
         while not self._stop.wait(CHECK_INTERVAL_S):
             now = time.monotonic()
             progress = self.tracker.progress
-            if progress != seen or self._paused:
-                seen, changed = progress, now
+            if progress != seen or self._paused or self._pauses != pauses:
+                seen, changed, pauses = progress, now, self._pauses
                 continue
             timeout = hang_timeout(self.tracker, self.timeout_override)
             if now - changed > timeout:
-                self.on_hang(now - changed, timeout)
-                return
+                if not self.on_hang(now - changed, timeout):
+                    return
+                changed = time.monotonic()

@@ -1,0 +1,173 @@
+"""Worker processes for in-process recovery: one elastic process context per
+worker, plus hot spares.
+
+torchrun's agent starts all local workers in one process context, and that
+context closes every sibling as soon as one worker fails (PLATFORM.md:
+healthy siblings got exit -15). In-process recovery needs the survivors to
+keep running, so each worker (and each spare) gets a context of its own,
+started with elastic's ``start_processes`` and the very arguments and
+environment LocalElasticAgent built for it. :class:`WorkerProcesses` offers
+the part of the PContext interface the agent uses (``pids``, ``close``,
+``subprocess_handlers``) and the operations recovery needs: poll each
+worker, hand a dead worker's slot to a spare or a fresh process, keep the
+spare pool full.
+
+A spare runs the training script like a worker (through the warm pool when
+it is on) with ``JITCKPT_ROLE=spare``: it imports torch, builds the model and
+optimizer, and blocks in ``JitCheckpoint`` until the agent assigns it a rank
+(jitckpt.inprocess.await_assignment).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+from torch.distributed.elastic.multiprocessing.api import PContext, RunProcsResult
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+from jitckpt.distributed import JOIN_GENERATION_ENV, ROLE_ENV, SPARE_ID_ENV
+
+
+@dataclass
+class Spare:
+    spare_id: str
+    context: PContext
+
+
+class WorkerProcesses:
+    """The local workers of one attempt, each in its own process context.
+
+    Args:
+        launch: the keyword arguments LocalElasticAgent passed to
+            ``start_processes`` for all workers (entrypoint, args and envs by
+            local rank, logs spec, start method...).
+        spares: how many hot spares to keep running.
+    """
+
+    def __init__(self, launch: dict[str, Any], spares: int) -> None:
+        self._launch = launch
+        self._serial = itertools.count()
+        self._tag = uuid.uuid4().hex[:8]
+        self.envs: dict[int, dict[str, str]] = dict(launch["envs"])
+        self.args: dict[int, tuple[Any, ...]] = dict(launch["args"])
+        self.contexts: dict[int, PContext] = {
+            local_rank: self._start(local_rank, self.envs[local_rank], {})
+            for local_rank in self.envs
+        }
+        self.succeeded: set[int] = set()
+        self.spares_wanted = spares
+        self.spares: list[Spare] = []
+        self.refill_spares()
+
+    # -- starting ----------------------------------------------------------------------
+    def _start(self, local_rank: int, env: dict[str, str], extra: dict[str, str]) -> PContext:
+        launch = self._launch
+        prefixes = launch.get("log_line_prefixes")
+        return start_processes(
+            name=launch["name"],
+            entrypoint=launch["entrypoint"],
+            args={0: self.args[local_rank]},
+            envs={0: {**env, **extra}},
+            logs_specs=self._logs(f"{local_rank}-{next(self._serial)}", local_rank),
+            log_line_prefixes={0: prefixes[local_rank]} if prefixes else None,
+            start_method=launch.get("start_method", "spawn"),
+            numa_options=launch.get("numa_options"),
+            duplicate_stdout_filters=launch.get("duplicate_stdout_filters"),
+            duplicate_stderr_filters=launch.get("duplicate_stderr_filters"),
+        )
+
+    def _logs(self, name: str, local_rank: int) -> DefaultLogsSpecs:
+        # Every context gets its own log directory: a logs spec clears its
+        # attempt directory when a context starts, which would delete the
+        # files of contexts started before it.
+        base = self._launch["logs_specs"]
+
+        def pick(value: Any) -> Any:
+            return value.get(local_rank, value.get(0)) if isinstance(value, dict) else value
+
+        return DefaultLogsSpecs(
+            log_dir=os.path.join(base.root_log_dir, f"jitckpt-{self._tag}-{name}"),
+            redirects=pick(base._redirects),
+            tee=pick(base._tee),
+        )
+
+    def refill_spares(self) -> None:
+        """Start spares until the pool is full (they warm up in the background)."""
+        while len(self.spares) < self.spares_wanted:
+            spare_id = f"{self._tag}-{next(self._serial)}"
+            context = self._start(
+                0, self.envs[min(self.envs)], {ROLE_ENV: "spare", SPARE_ID_ENV: spare_id}
+            )
+            self.spares.append(Spare(spare_id, context))
+
+    def reap_spares(self) -> None:
+        """Drop spares that died (they are replaced by the next refill)."""
+        alive = []
+        for spare in self.spares:
+            if spare.context.wait(0) is None:
+                alive.append(spare)
+            else:
+                spare.context.close()
+        self.spares = alive
+
+    # -- recovery ------------------------------------------------------------------
+    def take_spare(self) -> Spare | None:
+        return self.spares.pop(0) if self.spares else None
+
+    def adopt(self, local_rank: int, spare: Spare) -> None:
+        """A spare takes over a dead worker's slot."""
+        self.contexts[local_rank] = spare.context
+
+    def spawn_replacement(self, local_rank: int, generation: int) -> None:
+        self.contexts[local_rank] = self._start(
+            local_rank,
+            self.envs[local_rank],
+            {ROLE_ENV: "replacement", JOIN_GENERATION_ENV: str(generation)},
+        )
+
+    def poll(self) -> dict[int, ProcessFailure]:
+        """Failures of workers that are still counted, by local rank; workers
+        that finished successfully are remembered in ``succeeded``."""
+        failures: dict[int, ProcessFailure] = {}
+        for local_rank, context in self.contexts.items():
+            if local_rank in self.succeeded:
+                continue
+            result: RunProcsResult | None = context.wait(0)
+            if result is None:
+                continue
+            if result.is_failed():
+                failures[local_rank] = next(iter(result.failures.values()))
+            else:
+                self.succeeded.add(local_rank)
+        return failures
+
+    def all_succeeded(self) -> bool:
+        return self.succeeded == set(self.contexts)
+
+    # -- the PContext interface the agent uses ----------------------------------------
+    def pids(self) -> dict[int, int]:
+        return {
+            local_rank: next(iter(context.pids().values()))
+            for local_rank, context in self.contexts.items()
+        }
+
+    @property
+    def subprocess_handlers(self) -> dict[Any, Any]:
+        handlers: dict[Any, Any] = {}
+        for local_rank, context in self.contexts.items():
+            for handler in getattr(context, "subprocess_handlers", {}).values():
+                handlers[local_rank] = handler
+        for spare in self.spares:
+            for handler in getattr(spare.context, "subprocess_handlers", {}).values():
+                handlers[f"spare-{spare.spare_id}"] = handler
+        return handlers
+
+    def close(self, death_sig: Any = None, timeout: int = 30) -> None:
+        for context in [*self.contexts.values(), *(s.context for s in self.spares)]:
+            context.close(death_sig, timeout)  # type: ignore[arg-type]
+        self.spares = []
