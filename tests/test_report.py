@@ -57,7 +57,10 @@ def test_text_has_failure_table_timeline_and_goodput(
     assert "finished, 2 attempt(s), 1 failure(s)" in out
     assert "iterations lost: 1" in out  # the launcher summary's line, kept as it was
     assert "timeline (seconds since the first worker process started" in out
-    for phase in ("startup", "restore", "training kept", "training lost", "detection", "save"):
+    # "training lost" (the partial step) can be empty and left out: under load
+    # the killed rank may fail before the detecting rank has even passed the
+    # boundary of the step in flight.
+    for phase in ("startup", "restore", "training kept", "detection", "save"):
         assert f" {phase} " in out, out
     assert f"from step {FAIL_STEP}, {STEPS - FAIL_STEP} step(s) kept" in out
     goodput = re.search(r"^goodput (\d+\.\d) %: ", out, re.M)
@@ -80,7 +83,7 @@ def test_json_phases_add_up_and_every_step_is_kept_once(
     assert 0 < data["goodput"] < 1
     assert data["goodput"] == pytest.approx(data["kept_training_s"] / data["wall_s"])
     phases = [p["phase"] for p in data["attempts"][0]["phases"]]
-    assert phases[-4:] == ["training lost", "detection", "save", "restart"]
+    assert [p for p in phases if p != "training lost"][-3:] == ["detection", "save", "restart"]
     assert data["attempts"][1]["phases"][-1]["phase"] == "exit"
 
 
