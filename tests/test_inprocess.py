@@ -99,3 +99,34 @@ def test_three_failures_refill_the_spare_pool(tmp_path: Path, reference_digest: 
         "--inject", "kill@step=6,rank=2,phase=allreduce",
         "--inject", "kill@step=9,rank=1,phase=forward",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(("victim", "rank"), [("its replacement", 2), ("a survivor", 1)])
+def test_failure_during_recovery_falls_back_to_restart(
+    tmp_path: Path, reference_digest: str, victim: str, rank: int
+) -> None:
+    """Rank 2 dies; then, inside that recovery (new group formed, before any
+    state moves), its replacement or a survivor dies too. The launcher must
+    take the restart path, say why, and still end bitwise equal."""
+    run_dir, digest = tmp_path / "run", tmp_path / "digest"
+    launch = jitckpt_run(
+        "--spares", "1",
+        "--inject", f"kill@step={FAIL_STEP},rank=2,phase=forward",
+        "--inject", f"kill@step={FAIL_STEP},rank={rank},phase=recovery",
+        *train_args(run_dir, digest),
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    assert digest.read_text().strip() == reference_digest, "final state differs"
+    reason = f"rank {rank} ({victim}) failed during in-process recovery 1"
+    assert f"in-process recovery does not apply ({reason}); restarting all workers" in (
+        launch.output
+    ), show(launch)
+    events = read_events(run_dir)
+    fallbacks = [e for e in events if e["event"] == "inproc_fallback"]
+    assert [(e["path"], e["reason"], e["failed_ranks"]) for e in fallbacks] == [
+        ("restart", reason, [rank])
+    ], fallbacks
+    begun = [e for e in events if e["event"] == "inproc_begin"]
+    assert [(e["generation"], e["failed_rank"]) for e in begun] == [(1, 2)], begun
+    assert launch.resumed_steps() == [FAIL_STEP], show(launch)
+    assert len(summarize(events)) == 1, "one failure, recovered by the restart path"

@@ -80,6 +80,8 @@ class JitAgent(LocalElasticAgent):
         self.fatal_message: str | None = None
         self._recovery_store: dist.Store | None = None
         self._recovering: int | None = None
+        # The ranks whose replacement is joining in the recovery under way.
+        self._replaced: set[int] = set()
         self._recoveries = 0
 
     def events(self) -> EventLog | None:
@@ -238,7 +240,14 @@ class JitAgent(LocalElasticAgent):
             return RunResult(state=WorkerState.HEALTHY)
         events = self.events()
         if events is not None:
-            events.emit("inproc_fallback", reason=reason)
+            events.emit(
+                "inproc_fallback",
+                path="restart",
+                reason=reason,
+                failed_ranks=sorted(
+                    worker_group.workers[local_rank].global_rank for local_rank in failures
+                ),
+            )
         print(
             f"jitckpt: in-process recovery does not apply ({reason}); restarting all workers",
             file=sys.stderr,
@@ -260,7 +269,13 @@ class JitAgent(LocalElasticAgent):
         store: dist.Store,
     ) -> str | None:
         if self._recovering is not None:
-            return f"a failure during in-process recovery {self._recovering}"
+            who = ", ".join(
+                f"rank {rank} ({'its replacement' if rank in self._replaced else 'a survivor'})"
+                for rank in sorted(
+                    worker_group.workers[local_rank].global_rank for local_rank in failures
+                )
+            )
+            return f"{who} failed during in-process recovery {self._recovering}"
         if len(failures) + len(procs.succeeded) >= len(procs.contexts):
             return "no surviving worker"
         if list(self.control_dir.glob("fatal-*")):
@@ -321,6 +336,7 @@ class JitAgent(LocalElasticAgent):
                 )
         procs.refill_spares()
         self._recovering = generation
+        self._replaced = set(dead.values())
         self._recoveries += 1
 
     def _check_recovery_done(self, worker_group: WorkerGroup, store: dist.Store) -> None:

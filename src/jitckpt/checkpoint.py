@@ -211,6 +211,7 @@ class JitCheckpoint:
                 self.events,
                 pause_watchdog=lambda: self.watchdog.pause(),
                 resume_watchdog=lambda: self.watchdog.resume(),
+                inject=lambda phase, step: self.injector.at(phase, step),
             )
             if inprocess.applies(model, deterministic=deterministic, uses_store=self._uses_store())
             else None

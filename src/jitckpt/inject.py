@@ -4,7 +4,11 @@ Kinds: kill (SIGKILL to the rank), hang (stop making progress and ignore
 SIGTERM), raise (a Python exception in the step), term (SIGTERM to every
 rank, as a scheduler's preemption), node (the rank's whole node: its agent
 and workers). Phases: data, forward, backward, allreduce, optimizer, save,
-restore (default: forward). Several SPECs are separated by ``;`` in the
+restore, recovery (default: forward). ``recovery`` fires inside an in-process
+recovery of step N (jitckpt.inprocess), after the new group is formed and
+before the state transfer: in a survivor, or in the replacement that joins
+for rank R (a failure during the recovery itself: the launcher falls back
+to the restart path). Several SPECs are separated by ``;`` in the
 ``JITCKPT_INJECT`` environment variable; ``jitckpt run --inject`` sets it.
 
 An injection fires at most once per run directory: a marker file is created
@@ -24,7 +28,9 @@ from typing import Any
 from jitckpt.errors import FaultSpecError, InjectedFault
 
 KINDS = ("kill", "hang", "raise", "term", "node")
-PHASES = ("data", "forward", "backward", "allreduce", "optimizer", "save", "restore")
+PHASES = (
+    "data", "forward", "backward", "allreduce", "optimizer", "save", "restore", "recovery",
+)  # fmt: skip
 ENV_VAR = "JITCKPT_INJECT"
 MARKER_DIR = Path(".jitckpt") / "injections"
 

@@ -126,6 +126,9 @@ class InProcessRecovery:
         events: the event log.
         pause_watchdog, resume_watchdog: hang detection is suspended while a
             recovery runs (a fresh replacement takes seconds to start).
+        inject: the fault injector's ``at(phase, step)``; its ``recovery``
+            phase fires once the new group has exchanged positions, before
+            any state moves (a failure during the recovery itself).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class InProcessRecovery:
         events: EventLog,
         pause_watchdog: Any,
         resume_watchdog: Any,
+        inject: Any = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -147,6 +151,7 @@ class InProcessRecovery:
         self.events = events
         self._pause_watchdog = pause_watchdog
         self._resume_watchdog = resume_watchdog
+        self._inject = inject or (lambda phase, step: None)
         self.generation = 0
         self._cond = threading.Condition()
         self._notice: dict[str, Any] | None = None
@@ -242,6 +247,7 @@ class InProcessRecovery:
         started = time.monotonic()
         positions = self._positions(step)
         target = max(positions)
+        self._inject("recovery", target)
         source = positions.index(target)
         received: torch.Tensor | None = None
         sent = 0
@@ -281,6 +287,7 @@ class InProcessRecovery:
         target = max(positions)
         if target == NO_STATE:
             raise RuntimeError("in-process recovery: no rank has a state to send")
+        self._inject("recovery", target)
         source = positions.index(target)
         received = self._receive_state(source)
         self._finish(
