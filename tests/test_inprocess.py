@@ -48,6 +48,9 @@ def check_in_process(
     events = read_events(run_dir)
     assert summarize(events) == [], "no failure may take the restart path"
     assert launch.resumed_steps() == [], show(launch)
+    # A spare or replacement learns its rank before the script reads it: only
+    # the real rank 0 prints the header (a spare used to see itself as rank 0).
+    assert launch.output.count("GPT with") == 1, show(launch)
     recoveries = summarize_in_process(events)
     assert [r["resumed_step"] for r in recoveries] == resumed, recoveries
     original = {e["rank"]: e["pid"] for e in events if e["event"] == "start" and not e["joined"]}

@@ -73,12 +73,21 @@ def init_process_group(
     _group_settings.update(backend=backend, extra=extra)
     if role() != "worker":
         # A spare or replacement runs the script's setup (model, DDP,
-        # optimizer) before its peers are ready to meet it: a placeholder
-        # group with no communication lets DDP's constructor run locally.
-        # JitCheckpoint then joins the job's group (jitckpt.inprocess).
-        import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers "fake")
+        # optimizer) before its peers are ready to meet it: a group with no
+        # communication (jitckpt.detached) lets DDP's constructor run
+        # locally. JitCheckpoint then joins the job's group (jitckpt.inprocess).
+        from jitckpt import detached, inprocess
 
-        dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
+        detached.register()
+        if role() == "spare":
+            # A hot spare warms up, then waits here for its assignment, so
+            # that the script reads its real rank (dist.get_rank(), RANK)
+            # from the start: what it then builds takes ~0.1-0.3 s.
+            detached.warm_up()
+            rank = int(inprocess.await_spare_assignment()["rank"])
+        dist.init_process_group(
+            detached.BACKEND, store=dist.HashStore(), rank=rank, world_size=world_size
+        )
         return
     store = attempt_store()
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **extra)  # type: ignore[arg-type]

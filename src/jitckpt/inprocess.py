@@ -69,14 +69,10 @@ NO_STATE = -1
 
 
 def placeholder_group() -> dist.ProcessGroup:
-    """A one-rank group that never communicates (PyTorch's fake backend)."""
-    from torch._C._distributed_c10d import FakeProcessGroup
+    """A one-rank group that never communicates (jitckpt.detached)."""
+    from jitckpt.detached import DetachedGroup
 
-    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
-    backend = FakeProcessGroup._create_internal(0, 1)
-    group._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.CUSTOM, backend)
-    group._set_default_backend(dist.ProcessGroup.BackendType.CUSTOM)
-    return group
+    return DetachedGroup(0, 1)
 
 
 class Graveyard:
@@ -413,6 +409,20 @@ def joining() -> dict[str, Any] | None:
         }
     if role != "spare":
         return None
+    assignment = await_spare_assignment()
+    return {"rank": int(assignment["rank"]), "generation": int(assignment["generation"])}
+
+
+_assignment: dict[str, Any] | None = None
+
+
+def await_spare_assignment() -> dict[str, Any]:
+    """A hot spare blocks here until the launcher assigns it a rank (once:
+    jitckpt.init_process_group waits, JitCheckpoint reads the answer); RANK
+    and LOCAL_RANK then say the rank it takes."""
+    global _assignment
+    if _assignment is not None:
+        return _assignment
     spare = os.environ[distributed.SPARE_ID_ENV]
     control = os.environ.get("JITCKPT_CONTROL_DIR")
     if control:
@@ -424,11 +434,12 @@ def joining() -> dict[str, Any] | None:
     os.environ["LOCAL_RANK"] = str(assignment["local_rank"])
     if control:
         Path(control, "pids", f"spare-{spare}").unlink(missing_ok=True)
-    return {"rank": int(assignment["rank"]), "generation": int(assignment["generation"])}
+    _assignment = assignment
+    return assignment
 
 
 def await_assignment(spare: str) -> dict[str, Any]:
-    """A hot spare blocks here until the launcher assigns it a rank."""
+    """Wait for the launcher's assignment of spare ``spare`` in the store."""
     store = distributed.attempt_store()
     key = SPARE_KEY.format(spare=spare)
     while True:
