@@ -51,6 +51,12 @@ def main() -> None:
         action="store_true",
         help="append each step's sample indices to RUN_DIR/samples.jsonl",
     )
+    parser.add_argument(
+        "--log-loss",
+        action="store_true",
+        help="average the loss over ranks with ckpt.all_reduce each step (a user collective) "
+        "and append it to RUN_DIR/losses.jsonl",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = "MASTER_ADDR" in os.environ
@@ -91,6 +97,12 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if args.log_loss:
+            average = loss.detach() / ckpt.world_size
+            reduced = ckpt.all_reduce(average)
+            record = {"rank": rank, "step": step, "loss": average.item(), "reduced": reduced}
+            with open(os.path.join(args.run_dir, "losses.jsonl"), "a") as handle:
+                handle.write(json.dumps(record) + "\n")
     time.sleep(args.sleep_after)
     if args.digest and rank == 0:
         with open(args.digest, "w") as handle:

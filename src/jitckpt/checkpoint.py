@@ -277,6 +277,9 @@ class JitCheckpoint:
             self._stop_watching()
             self.events.emit("loop_left", step=step)
             raise
+        # Resources after every recovery's leftovers are dropped, counted
+        # before the side threads stop (as the baseline was).
+        resources = self.recovery.settle() if self.recovery is not None else {}
         self._stop_watching()
         if self.periodic is not None:
             self.periodic.wait()
@@ -284,7 +287,9 @@ class JitCheckpoint:
             self.staging.remove_all()
         self._ready = False
         signals.set_callback(None)
-        self.events.emit("finish", step=total, median_step_s=self.tracker.median_step_time())
+        self.events.emit(
+            "finish", step=total, median_step_s=self.tracker.median_step_time(), **resources
+        )
 
     def _stop_watching(self) -> None:
         self.watchdog.stop()
@@ -292,6 +297,27 @@ class JitCheckpoint:
             self.heartbeat.stop()
         if self.recovery is not None:
             self.recovery.stop()
+
+    def all_reduce(self, tensor: torch.Tensor, op: Any = None) -> bool:
+        """All-reduce ``tensor`` in place over the job's group (``op``:
+        ``dist.ReduceOp.SUM`` by default), for what the step computes to log
+        or monitor (a loss average), never for the training state.
+
+        Use it instead of ``dist.all_reduce`` in the loop: with in-process
+        recovery a survivor blocked in a plain collective on the broken group
+        would wait for the gloo timeout, whereas this one is woken by the
+        recovery. It returns True once reduced; False, with the tensor left
+        at its local value, when a recovery interrupted it (that step's
+        logged value is then this rank's own). Without in-process recovery
+        it is ``dist.all_reduce``; in a single process it does nothing."""
+        if op is None:
+            op = dist.ReduceOp.SUM
+        if not self._distributed or self.world_size == 1:
+            return True
+        if self.recovery is None:
+            dist.all_reduce(tensor, op=op)
+            return True
+        return self.recovery.all_reduce(tensor, op)
 
     def save(self, reason: str = "manual", *, wait_s: float | None = None) -> Path | None:
         """Save the state of the last completed step now (JIT kind). Returns the
@@ -436,6 +462,10 @@ class JitCheckpoint:
         self.tracker.boundary(step, snapshot)
         if self.recovery is not None:
             self.recovery.on_boundary(step)
+            if step == self.start_step + 2:
+                # The baseline of this process's threads and fds: side
+                # threads started, DDP's buckets rebuilt (second forward).
+                self.events.emit("resources", step=step, **inprocess.resource_counts())
         if self._resumed and step == self.start_step + 1:
             self.events.emit("first_step_done", step=step)
             if self.rank == 0:

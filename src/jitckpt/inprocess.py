@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt import distributed
+from jitckpt.comm import NOTICE_TIMEOUT_S
 from jitckpt.events import EventLog
 from jitckpt.state import TrainingState, decode
 from jitckpt.tracker import StepTracker
@@ -64,6 +65,9 @@ WATCH_SLICE = timedelta(seconds=0.5)
 # long enough for every peer to have re-formed (their old connections close,
 # which ends our pending gloo call instead of waiting for the group timeout).
 RELEASE_DELAY_S = 1.0
+# How long the end of training waits for the graveyard (RELEASE_DELAY_S and
+# the drops: ~1.0-1.1 s after the last recovery here).
+SETTLE_TIMEOUT_S = 10.0
 # A position meaning "no state at all" (a replacement).
 NO_STATE = -1
 
@@ -75,23 +79,48 @@ def placeholder_group() -> dist.ProcessGroup:
     return DetachedGroup(0, 1)
 
 
+def resource_counts() -> dict[str, int]:
+    """This process's threads (native ones included), open file descriptors
+    and resident memory (KiB): what a recovery must give back."""
+    counts = {"threads": -1, "fds": -1, "rss_kb": -1}
+    try:
+        counts["threads"] = len(os.listdir("/proc/self/task"))
+        counts["fds"] = len(os.listdir("/proc/self/fd"))
+        with open("/proc/self/statm") as handle:
+            counts["rss_kb"] = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return counts
+
+
 class Graveyard:
     """Holds abandoned groups and pending work and drops them from a
-    background thread, never from the training thread (PLATFORM.md, rule 2)."""
+    background thread, never from the training thread (PLATFORM.md, rule 2).
 
-    def __init__(self) -> None:
-        self._items: list[tuple[float, Any]] = []
+    ``on_release(what, held_s, drop_s)`` is called after each drop: how long
+    the item was held (from ``keep`` to the end of its drop) and how long the
+    drop itself blocked (a gloo group's destructor waits for its pending
+    call, which ends once the peers have closed their old connections)."""
+
+    def __init__(self, on_release: Any = None) -> None:
+        self._items: list[tuple[float, float, Any]] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._on_release = on_release or (lambda what, held_s, drop_s: None)
 
     def keep(self, item: Any) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._items.append((time.monotonic() + RELEASE_DELAY_S, item))
+            self._items.append((now + RELEASE_DELAY_S, now, item))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._release, name="jitckpt-graveyard", daemon=True
                 )
                 self._thread.start()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
 
     def _release(self) -> None:
         while True:
@@ -99,16 +128,33 @@ class Graveyard:
                 if not self._items:
                     self._thread = None
                     return
-                due, _ = self._items[0]
+                due, _, _ = self._items[0]
             time.sleep(max(0.0, due - time.monotonic()))
             with self._lock:
-                _, item = self._items.pop(0)
-            del item  # may block until the pending gloo call ends
+                _, kept, item = self._items[0]
+            what = type(item[0] if isinstance(item, tuple) else item).__name__
+            dropping = time.monotonic()
+            # The list's reference is the last one: the drop happens here and
+            # may block until the pending gloo call ends.
+            with self._lock:
+                self._items.pop(0)
+            del item
+            done = time.monotonic()
+            try:
+                self._on_release(what, done - kept, done - dropping)
+            except Exception:  # noqa: BLE001 - a report must not stop the releases
+                pass
 
-    def join(self, timeout: float) -> None:
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+    def join(self, timeout: float) -> bool:
+        """Wait until everything kept is dropped (or ``timeout``); True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return len(self) == 0
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                return len(self) == 0 and not thread.is_alive()
 
 
 class InProcessRecovery:
@@ -152,7 +198,11 @@ class InProcessRecovery:
         self._cond = threading.Condition()
         self._notice: dict[str, Any] | None = None
         self._waiters: set[threading.Event] = set()
-        self._graveyard = Graveyard()
+        self._graveyard = Graveyard(
+            lambda what, held_s, drop_s: events.emit(
+                "inproc_released", what=what, held_s=held_s, drop_s=drop_s
+            )
+        )
         self._placeholder: dist.ProcessGroup | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -173,6 +223,13 @@ class InProcessRecovery:
             target=self._watch, args=(distributed.side_store(),), name="jitckpt-inproc", daemon=True
         )
         self._watcher.start()
+
+    def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> dict[str, int]:
+        """At the end of training, before anything stops: wait for the
+        graveyard to drop what it holds, then count this process's threads
+        and fds (compare with the ``resources`` event at the start)."""
+        released = self._graveyard.join(timeout)
+        return {**resource_counts(), "graveyard_left": 0 if released else len(self._graveyard)}
 
     def stop(self, join_timeout: float = 2.0) -> None:
         self._stop.set()
@@ -228,6 +285,38 @@ class InProcessRecovery:
         store = distributed.attempt_store()
         for rank in ranks:
             store.set(KILL_KEY.format(rank=rank), json.dumps({"generation": self.generation}))
+
+    def all_reduce(self, tensor: torch.Tensor, op: Any) -> bool:
+        """A collective the script makes in its step (JitCheckpoint.all_reduce):
+        waited for from Python like the gradient all-reduce, so a recovery
+        wakes it. Reduces a private copy and copies back only on success
+        (PLATFORM.md, rule 3); returns False, the tensor unchanged, when a
+        recovery interrupts it: the loop goes on to the next all-reduce,
+        where the recovery takes place."""
+        if self.pending():
+            return False
+        flat = tensor.detach().clone()
+        woken = threading.Event()
+        self.add_waiter(woken)
+        try:
+            work = dist.all_reduce(flat, op=op, group=dist.group.WORLD, async_op=True)
+            done = work.get_future()  # type: ignore[union-attr]
+            done.add_done_callback(lambda _, woken=woken: woken.set())
+            woken.wait()
+        finally:
+            self.remove_waiter(woken)
+        if done.done():
+            try:
+                done.wait()
+            except Exception:
+                if not self.wait_notice(NOTICE_TIMEOUT_S):
+                    raise
+            else:
+                tensor.copy_(flat)
+                return True
+        self.abandon((work, done, flat))
+        self.events.emit("inproc_collective_abandoned", kind="all_reduce")
+        return False
 
     def abandon(self, leftover: Any) -> None:
         self._graveyard.keep(leftover)
@@ -383,7 +472,9 @@ class InProcessRecovery:
             self._reducer_stale = False
             self._bury_retired()
         if self._recovered_at_step is not None and step == self._recovered_at_step + 1:
-            self.events.emit("inproc_step_done", generation=self.generation, step=step)
+            self.events.emit(
+                "inproc_step_done", generation=self.generation, step=step, **resource_counts()
+            )
             self._recovered_at_step = None
 
 
