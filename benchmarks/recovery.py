@@ -5,6 +5,7 @@ with periodic checkpoints, in one command.
     python benchmarks/recovery.py --quick          # 1 drill per mode, fewer steps (about 1.5 min)
     python benchmarks/recovery.py --json out.json  # also write every raw number
     python benchmarks/recovery.py --jitckpt-arg=--no-warm-pool   # cold worker starts
+    python benchmarks/recovery.py --inprocess      # in-process recovery: 10 drills per mode, ~10 min
 
 What it measures. Each *drill* is one real 4-rank job of the example GPT
 (examples/train_gpt.py, 0.87M parameters, DDP over gloo, AdamW) in a fresh
@@ -27,6 +28,25 @@ in the machine's load touches all of them alike):
   steps; every rank resumes from the newest one). This script SIGKILLs rank 2
   as soon as it has logged step K-1 done, i.e. early in step K, placed in the
   middle of a checkpoint interval (the average case).
+
+With ``--inprocess`` (or by name in ``--modes``), three more modes run the
+example with ``--deterministic`` (in-process recovery needs it), rank 2
+SIGKILLed in the backward of step S as above:
+
+* ``jitckpt-restart-det-kill``: ``--recovery restart``, the restart path;
+* ``jitckpt-inproc-spare-kill``: ``--spares 1``: the survivors keep running
+  and a hot spare takes rank 2 (jitckpt.inprocess);
+* ``jitckpt-inproc-fresh-kill``: no spare: a fresh process (forked from the
+  warm pool) takes rank 2.
+
+An in-process drill measures from the fault (``fault_injected``) to the
+step after the recovery completed by every rank (``inproc_step_done``), with
+jitckpt.summary's parts: detect (until the agent's notice), unblock (until
+the last survivor left the broken all-reduce), re-form and transfer (the
+slowest rank's), redo (the step redone, until the last rank completed the
+next one). Goals on this machine: hot spare <= 0.5 s, fresh spawn <= 3 s. A
+drill fails if the failure took the restart path or the replacement was not
+of the mode's kind.
 
 The parts of a recovery, on one wall clock (every process logs time.time()),
 telescoping so that they add up exactly to the end-to-end time:
@@ -159,18 +179,77 @@ PART_LABELS = {
 }
 
 
+# In-process recovery (jitckpt.inprocess): parts as jitckpt.summary's
+# summarize_in_process names them; goals on this machine, end to end.
+INPROC_PARTS = ("detect", "unblock", "reform", "transfer", "redo")
+INPROC_LABELS = {
+    "detect": "detect",
+    "unblock": "unblock",
+    "reform": "re-form",
+    "transfer": "transfer",
+    "redo": "redo",
+}
+SPARE_GOAL_S = 0.5
+FRESH_GOAL_S = 3.0
+INPROCESS_DRILLS = 10
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
     label: str
     fault: str | None  # jitckpt --inject kind; None for the baseline
+    # More `jitckpt run` options, and the example's --deterministic.
+    launch: tuple[str, ...] = ()
+    deterministic: bool = False
+    # Measured as an in-process recovery with this kind of replacement.
+    replacement: str | None = None
+    goal_s: float | None = None
 
 
 MODES = (
     Mode("jitckpt-kill", "jitckpt kill", "kill"),
     Mode("jitckpt-hang", "jitckpt hang", "hang"),
     Mode("torchrun-periodic-kill", "torchrun+periodic kill", None),
+    # --inprocess: the same kill, in deterministic mode (which in-process
+    # recovery needs), through the restart path and the in-process one.
+    Mode(
+        "jitckpt-restart-det-kill",
+        "jitckpt restart (det)",
+        "kill",
+        ("--recovery", "restart"),
+        deterministic=True,
+    ),
+    Mode(
+        "jitckpt-inproc-spare-kill",
+        "in-process, hot spare",
+        "kill",
+        ("--spares", "1"),
+        deterministic=True,
+        replacement="spare",
+        goal_s=SPARE_GOAL_S,
+    ),
+    Mode(
+        "jitckpt-inproc-fresh-kill",
+        "in-process, fresh spawn",
+        "kill",
+        ("--spares", "0"),
+        deterministic=True,
+        replacement="fresh",
+        goal_s=FRESH_GOAL_S,
+    ),
 )
+# Without --modes or --inprocess: the first three, as before.
+DEFAULT_MODES = ("jitckpt-kill", "jitckpt-hang", "torchrun-periodic-kill")
+INPROCESS_MODES = (
+    "jitckpt-restart-det-kill",
+    "jitckpt-inproc-spare-kill",
+    "jitckpt-inproc-fresh-kill",
+)
+
+
+def parts_of(mode: Mode) -> tuple[str, ...]:
+    return INPROC_PARTS if mode.replacement else JIT_PARTS
 
 
 class DrillError(RuntimeError):
@@ -312,12 +391,11 @@ def jit_breakdown(events: list[dict[str, Any]], failure: dict[str, Any]) -> dict
     }
 
 
-def jit_drill(
+def run_jit_job(
     mode: Mode, plan: Plan, run_dir: Path, tag: str, timeout_s: float, launch_args: Sequence[str]
-) -> dict[str, Any]:
-    from jitckpt.events import read_events
-    from jitckpt.summary import summarize
-
+) -> Job:
+    """One `jitckpt run` of the example with the mode's fault; raises
+    DrillError unless it ends with status 0."""
     spec = f"{mode.fault}@step={plan.fail_step},rank={FAIL_RANK},phase={FAIL_PHASE}"
     command = [
         sys.executable,
@@ -329,12 +407,14 @@ def jit_drill(
         str(NPROC),
         "--inject",
         spec,
+        *mode.launch,
         *launch_args,
         str(EXAMPLE),
         "--steps",
         str(plan.fail_step + plan.steps_after),
         "--run-dir",
         str(run_dir / "run"),
+        *(["--deterministic"] if mode.deterministic else []),
     ]
     job = Job(command, tag, run_dir / "output.log")
     try:
@@ -345,6 +425,21 @@ def jit_drill(
         raise DrillError(f"{exc}\n{job.output_tail()}") from None
     finally:
         job.close()
+    return job
+
+
+def _params_m(output: str) -> float | None:
+    params = re.search(r"GPT with ([\d.]+)M parameters", output)
+    return float(params.group(1)) if params else None
+
+
+def jit_drill(
+    mode: Mode, plan: Plan, run_dir: Path, tag: str, timeout_s: float, launch_args: Sequence[str]
+) -> dict[str, Any]:
+    from jitckpt.events import read_events
+    from jitckpt.summary import summarize
+
+    job = run_jit_job(mode, plan, run_dir, tag, timeout_s, launch_args)
     events = read_events(run_dir / "run")
     failures = summarize(events)
     if len(failures) != 1:
@@ -358,7 +453,6 @@ def jit_drill(
         else (breakdown["hang_timeout_s"] or 0.0) + HANG_GOAL_MARGIN_S
     )
     output = job.output_tail(10**6)
-    params = re.search(r"GPT with ([\d.]+)M parameters", output)
     return {
         "parts": breakdown["parts"],
         "recovery_s": failure["recovery_s"],
@@ -369,9 +463,47 @@ def jit_drill(
         "hang_timeout_s": breakdown["hang_timeout_s"],
         "extra": breakdown["extra"],
         "summary": failure,
-        "params_m": float(params.group(1)) if params else None,
+        "params_m": _params_m(output),
         # Workers fall back to a cold start, with one such line, when the
         # launcher's warm process pool cannot serve them.
+        "warm_pool_messages": sorted(set(re.findall(r"^jitckpt\.warmpool: .*$", output, re.M))),
+    }
+
+
+def inproc_drill(
+    mode: Mode, plan: Plan, run_dir: Path, tag: str, timeout_s: float, launch_args: Sequence[str]
+) -> dict[str, Any]:
+    """An in-process recovery: from the fault (``fault_injected``) to the
+    last rank's completion of the step after the recovery
+    (``inproc_step_done``), with jitckpt.summary's parts (they overlap a
+    little: re-form and transfer are each the slowest rank's)."""
+    from jitckpt.events import read_events
+    from jitckpt.summary import summarize, summarize_in_process
+
+    job = run_jit_job(mode, plan, run_dir, tag, timeout_s, launch_args)
+    events = read_events(run_dir / "run")
+    if summarize(events):
+        reasons = [e.get("reason") for e in events if e["event"] == "inproc_fallback"]
+        raise DrillError(f"the failure took the restart path ({reasons})")
+    recoveries = summarize_in_process(events)
+    if len(recoveries) != 1 or recoveries[0]["recovery_s"] is None:
+        raise DrillError(f"expected 1 complete in-process recovery, found {recoveries}")
+    record = recoveries[0]
+    if record["replacement"] != mode.replacement:
+        raise DrillError(
+            f"replacement was a {record['replacement']} process, not {mode.replacement}"
+        )
+    output = job.output_tail(10**6)
+    return {
+        "parts": {part: record[f"{part}_s"] for part in INPROC_PARTS},
+        "recovery_s": record["recovery_s"],
+        "iterations_lost": record["iterations_lost"],
+        "regain_s": record["recovery_s"] if record["iterations_lost"] == 1 else None,
+        "goal_s": mode.goal_s,
+        "hang_timeout_s": None,
+        "extra": {},
+        "summary": record,
+        "params_m": _params_m(output),
         "warm_pool_messages": sorted(set(re.findall(r"^jitckpt\.warmpool: .*$", output, re.M))),
     }
 
@@ -531,7 +663,7 @@ def aggregate(drills: list[dict[str, Any]]) -> dict[str, Any]:
         runs = [d for d in drills if d["mode"] == mode.name]
         ok = [d for d in runs if d["ok"]]
         entry: dict[str, Any] = {"drills": len(runs), "ok": len(ok)}
-        entry["parts"] = {p: stats([d["parts"][p] for d in ok]) for p in JIT_PARTS}
+        entry["parts"] = {p: stats([d["parts"][p] for d in ok]) for p in parts_of(mode)}
         for key in ("recovery_s", "iterations_lost", "regain_s", "goal_s"):
             entry[key] = stats([d[key] for d in ok])
         with_goal = [d for d in ok if d["goal_s"] is not None]
@@ -552,10 +684,38 @@ def _goal(mode: Mode, entry: dict[str, Any]) -> str:
         return "-"
     limit = entry["goal_s"]["median"]
     met = entry["recovery_s"]["median"] <= limit
-    how = "" if mode.fault == "kill" else f" (timeout {limit - HANG_GOAL_MARGIN_S:.2f} + 5)"
+    how = (
+        ""
+        if mode.fault == "kill" or mode.goal_s
+        else f" (timeout {limit - HANG_GOAL_MARGIN_S:.2f} + 5)"
+    )
     return (
         f"<= {limit:.2f} s{how}: {'met' if met else 'NOT met'}, "
         f"{entry['goal_met']}/{entry['goal_drills']} drills"
+    )
+
+
+def _header(labels: dict[str, str], parts: Sequence[str]) -> str:
+    return (
+        f"{'mode':<23} {'ok':>4} "
+        + " ".join(f"{labels[p]:>8}" for p in parts)
+        + f" {'end-to-end (min..max)':>23} {'lost':>5}"
+    )
+
+
+def _row(mode: Mode, entry: dict[str, Any], fmt: str) -> str:
+    """A table row: mode, drills, median parts, end to end, iterations lost."""
+    recovery = entry["recovery_s"]
+    span = (
+        f"{fmt.format(recovery['median'])} "
+        f"({fmt.format(recovery['min'])}..{fmt.format(recovery['max'])})"
+        if recovery
+        else "-"
+    )
+    return (
+        f"{mode.label:<23} {entry['ok']:>2}/{entry['drills']:<1} "
+        + " ".join(f"{_median(entry['parts'][p], fmt):>8}" for p in parts_of(mode))
+        + f" {span:>23} {_median(entry['iterations_lost'], '{:g}'):>5}"
     )
 
 
@@ -572,37 +732,38 @@ def report(result: dict[str, Any]) -> str:
         f"{FAIL_PHASE} of step {config['fail_step']}; baseline: SIGKILL "
         f"early in step {config['baseline_kill_step']}, checkpoint every {config['save_every']} steps",
         "medians over the successful drills, in seconds; the parts add up to end-to-end",
-        "",
-        f"{'mode':<23} {'ok':>4} "
-        + " ".join(f"{PART_LABELS[p]:>8}" for p in JIT_PARTS)
-        + f" {'end-to-end (min..max)':>23} {'lost':>5} {'regain':>7}  goal",
     ]
+    if any(modes[m.name]["drills"] for m in MODES if not m.replacement):
+        lines += ["", _header(PART_LABELS, JIT_PARTS) + f" {'regain':>7}  goal"]
     for mode in MODES:
         entry = modes[mode.name]
-        if not entry["drills"]:
+        if not entry["drills"] or mode.replacement:
             continue
-        recovery = entry["recovery_s"]
-        span = (
-            f"{recovery['median']:.2f} ({recovery['min']:.2f}..{recovery['max']:.2f})"
-            if recovery
-            else "-"
-        )
         lines.append(
-            f"{mode.label:<23} {entry['ok']:>2}/{entry['drills']:<1} "
-            + " ".join(f"{_median(entry['parts'][p]):>8}" for p in JIT_PARTS)
-            + f" {span:>23} {_median(entry['iterations_lost'], '{:g}'):>5}"
-            f" {_median(entry['regain_s']):>7}  {_goal(mode, entry)}"
+            _row(mode, entry, "{:.2f}") + f" {_median(entry['regain_s']):>7}  {_goal(mode, entry)}"
         )
+    inproc = [m for m in MODES if m.replacement and modes[m.name]["drills"]]
+    if inproc:
+        lines += [
+            "",
+            "in-process recovery (--deterministic; survivors keep running): failure to the "
+            "next step completed by every rank",
+            _header(INPROC_LABELS, INPROC_PARTS) + "  goal",
+        ]
+    for mode in inproc:
+        entry = modes[mode.name]
+        lines.append(_row(mode, entry, "{:.3f}") + f"  {_goal(mode, entry)}")
     lines += ["", "min / median / max per part, seconds:"]
     for mode in MODES:
         entry = modes[mode.name]
         if not entry["ok"]:
             continue
         cells = []
-        for part in (*JIT_PARTS, "recovery_s"):
+        labels = {**PART_LABELS, **INPROC_LABELS}
+        for part in (*parts_of(mode), "recovery_s"):
             s = entry["parts"].get(part) if part != "recovery_s" else entry["recovery_s"]
             if s is not None:
-                label = "end-to-end" if part == "recovery_s" else PART_LABELS[part]
+                label = "end-to-end" if part == "recovery_s" else labels[part]
                 cells.append(f"{label} {s['min']:.2f}/{s['median']:.2f}/{s['max']:.2f}")
         lines.append(f"  {mode.label:<23} " + ", ".join(cells))
     failed = [d for d in result["drills"] if not d["ok"]]
@@ -617,7 +778,10 @@ def run_drills(
     args: argparse.Namespace, plan: Plan, workdir: Path, tag: str
 ) -> list[dict[str, Any]]:
     runners: dict[str, Callable[..., dict[str, Any]]] = {
-        mode.name: (jit_drill if mode.fault else baseline_drill) for mode in MODES
+        mode.name: (
+            inproc_drill if mode.replacement else jit_drill if mode.fault else baseline_drill
+        )
+        for mode in MODES
     }
     selected = [mode for mode in MODES if mode.name in args.modes]
     total = args.drills * len(selected)
@@ -667,8 +831,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write every raw number to this file")
     parser.add_argument(
         "--modes",
-        default=",".join(mode.name for mode in MODES),
-        help="comma-separated subset of " + ", ".join(mode.name for mode in MODES),
+        default=None,
+        help="comma-separated subset of "
+        + ", ".join(mode.name for mode in MODES)
+        + f" (default: {', '.join(DEFAULT_MODES)})",
+    )
+    parser.add_argument(
+        "--inprocess",
+        action="store_true",
+        help="in-process recovery against the restart path, on examples/train_gpt.py "
+        f"--deterministic: modes {', '.join(INPROCESS_MODES)} (with --modes: added to them), "
+        f"{INPROCESS_DRILLS} drills per mode unless --drills",
     )
     parser.add_argument(
         "--save-every",
@@ -694,10 +867,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.drills is None:
-        args.drills = 1 if args.quick else DEFAULT_DRILLS
+        args.drills = 1 if args.quick else INPROCESS_DRILLS if args.inprocess else DEFAULT_DRILLS
     if args.drills < 1:
         parser.error("--drills must be at least 1")
-    args.modes = [name.strip() for name in args.modes.split(",") if name.strip()]
+    if args.modes is None:
+        names = [] if args.inprocess else list(DEFAULT_MODES)
+    else:
+        names = [name.strip() for name in args.modes.split(",") if name.strip()]
+    if args.inprocess:
+        names += [name for name in INPROCESS_MODES if name not in names]
+    args.modes = names
     unknown = set(args.modes) - {mode.name for mode in MODES}
     if unknown or not args.modes:
         parser.error(f"--modes: unknown {sorted(unknown)}" if unknown else "--modes is empty")
@@ -752,6 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "save_every": plan.save_every,
             "baseline_kill_step": plan.baseline_kill_step,
             "jitckpt_args": args.jitckpt_arg,
+            "modes": args.modes,
             "kill_goal_s": KILL_GOAL_S,
             "hang_goal_margin_s": HANG_GOAL_MARGIN_S,
         },

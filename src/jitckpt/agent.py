@@ -223,7 +223,9 @@ class JitAgent(LocalElasticAgent):
         assert store is not None
         self._serve_kill_requests(worker_group, procs, store)
         procs.reap_spares()
-        procs.refill_spares()
+        if self._recovering is None:
+            # Not during a recovery: a starting spare would take CPU from it.
+            procs.refill_spares()
         failures = procs.poll()
         if not failures:
             if procs.all_succeeded():
@@ -334,7 +336,6 @@ class JitAgent(LocalElasticAgent):
                     replacement=kind,
                     replacement_pid=worker.id,
                 )
-        procs.refill_spares()
         self._recovering = generation
         self._replaced = set(dead.values())
         self._recoveries += 1

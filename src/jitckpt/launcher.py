@@ -41,6 +41,8 @@ DEFAULT_MAX_RESTARTS = 3
 # a save is in progress, see jitckpt.agent); a wedged one only delays the
 # restart by it.
 DEFAULT_TERM_GRACE_S = 5.0
+# The agent's poll interval with in-process recovery, unless --monitor-interval.
+INPROCESS_MONITOR_INTERVAL_S = 0.02
 # Tells workers that in-process recovery is on (jitckpt.inprocess.ENABLED_ENV;
 # spelled out here so the launcher does not import torch before the pool).
 INPROCESS_ENV = "JITCKPT_INPROCESS"
@@ -85,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="hot spare processes per node for in-process recovery: each has imported torch and "
-        "built the model and optimizer, and takes a failed worker's place (default 0: a fresh "
-        "process is spawned instead)",
+        "warmed it up, waits for a failed worker's rank, then runs the script's setup and takes "
+        "its place (default 0: a fresh process is spawned instead)",
     )
     parser.add_argument(
         "--recovery",
@@ -146,6 +148,10 @@ def run(argv: list[str]) -> int:
             parser.error("--spares needs in-process recovery (--recovery auto, one node)")
         if inprocess:
             os.environ[INPROCESS_ENV] = "1"
+            if args.monitor_interval == parser.get_default("monitor_interval"):
+                # The agent's poll is what notices an exit for in-process
+                # recovery: torchrun's 0.1 s is most of its detection time.
+                config.monitor_interval = INPROCESS_MONITOR_INTERVAL_S
         return _launch(
             config, cmd, entry_args, control_dir, args.term_grace, inprocess, args.spares
         )
