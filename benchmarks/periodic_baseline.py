@@ -65,9 +65,9 @@ class WorkerLog:
     the four ranks never interleave within a line and a SIGKILLed rank keeps
     every line it wrote."""
 
-    def __init__(self, run_dir: Path, **fields: Any) -> None:
+    def __init__(self, run_dir: Path, log_file: str = LOG_FILE, **fields: Any) -> None:
         self.fields = fields
-        self._fd = os.open(run_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(run_dir / log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def emit(self, event: str, **data: Any) -> None:
         record = {"t": time.time(), "event": event, **self.fields, **data}

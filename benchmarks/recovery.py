@@ -123,6 +123,8 @@ from typing import Any
 
 from _common import source_state
 
+from jitckpt import proctag
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 BASELINE_WORKER = Path(__file__).resolve().parent / "periodic_baseline.py"
@@ -259,35 +261,12 @@ class DrillError(RuntimeError):
 # -- processes ------------------------------------------------------------------------
 def tagged_pids(tag: str) -> list[int]:
     """Processes whose environment carries this benchmark's tag."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                if needle in handle.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return proctag.tagged_pids(TAG_VAR, tag)
 
 
 def kill_tagged(tag: str) -> list[int]:
     """SIGKILL every process with the tag, by pid, until none is left."""
-    killed: list[int] = []
-    for _ in range(KILL_ROUNDS):
-        pids = tagged_pids(tag)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    return killed
+    return proctag.kill_tagged(TAG_VAR, tag, rounds=KILL_ROUNDS)
 
 
 class Job:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,38 +19,20 @@ from pathlib import Path
 
 import pytest
 
+from jitckpt import proctag
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 TINY = Path(__file__).resolve().parent / "tiny_train.py"
 # Upper bound for one launch in a test (a failure-free 4-rank launch takes
 # 5-10 s here, each restart another 5-10 s).
 LAUNCH_TIMEOUT_S = 240
-
-
-def _pids_with_tag(tag: str) -> list[int]:
-    needle = f"JITCKPT_TEST_TAG={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                if needle in handle.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+TAG_VAR = "JITCKPT_TEST_TAG"
 
 
 def kill_tagged(tag: str) -> list[int]:
     """SIGKILL every process that carries the tag; returns their pids."""
-    pids = _pids_with_tag(tag)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
+    return proctag.kill_tagged(TAG_VAR, tag)
 
 
 @dataclass
@@ -72,7 +53,7 @@ def run_tagged(
     tag = uuid.uuid4().hex
     full_env = dict(os.environ)
     full_env.update(env or {})
-    full_env["JITCKPT_TEST_TAG"] = tag
+    full_env[TAG_VAR] = tag
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     started = time.monotonic()
