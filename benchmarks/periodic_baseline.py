@@ -10,10 +10,12 @@ the file, or from examples/train_gpt.py if the plain script is missing) with
 the same optimizer, schedule and loader, and does what a job without JIT
 checkpointing does to survive failures:
 
-* rank 0 saves model, optimizer, scheduler and loader state with torch.save
-  after every ``--save-every`` completed steps, atomically (temporary file,
-  fsync, rename, directory fsync);
-* every rank resumes from the newest checkpoint on start;
+* after every ``--save-every`` completed steps it checkpoints model,
+  optimizer, scheduler and loader state: with ``--checkpoint torch_save``
+  (default) rank 0 alone torch.saves it, atomically (temporary file, fsync,
+  rename, directory fsync); with ``--checkpoint dcp`` every rank calls
+  ``torch.distributed.checkpoint.async_save`` (benchmarks/dcp_checkpoint.py);
+* every rank resumes from the newest complete checkpoint on start;
 * the process group is built over ``PrefixStore(f"attempt_{N}", TCPStore
   client)``: a plain ``init_process_group("gloo")`` fails on torchrun's
   restarts (PLATFORM.md, "torchrun (elastic agent) behaviour").
@@ -41,6 +43,8 @@ from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from dcp_checkpoint import DcpCheckpointer
 
 REPO = Path(__file__).resolve().parent.parent
 # The plain script is the reference; the jitckpt one defines the same classes.
@@ -183,6 +187,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--save-every", type=int, default=20, help="steps between checkpoints")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("torch_save", "dcp"),
+        default="torch_save",
+        help="torch_save: rank 0, synchronous; dcp: every rank, dcp.async_save",
+    )
     args = parser.parse_args()
 
     import torch
@@ -218,11 +228,15 @@ def main() -> None:
         "loader": loader,
     }
 
+    dcp_checkpointer = DcpCheckpointer(args.run_dir, objects) if args.checkpoint == "dcp" else None
     started = time.monotonic()
-    path = newest_checkpoint(args.run_dir)
+    path = dcp_checkpointer.newest() if dcp_checkpointer else newest_checkpoint(args.run_dir)
     start_step = 0
     if path is None:
         log.emit("fresh_start")
+    elif dcp_checkpointer:
+        start_step = dcp_checkpointer.restore(path)
+        log.emit("restore", step=start_step, path=str(path), duration=time.monotonic() - started)
     else:
         start_step = restore_checkpoint(path, objects)
         log.emit("restore", step=start_step, path=str(path), duration=time.monotonic() - started)
@@ -238,10 +252,18 @@ def main() -> None:
         scheduler.step()
         log.emit("step", step=step)
         completed = step + 1
-        if rank == 0 and completed % args.save_every == 0 and completed < args.steps:
+        if completed % args.save_every != 0 or completed >= args.steps:
+            continue
+        if dcp_checkpointer:
+            blocked = dcp_checkpointer.save(completed)
+            if rank == 0:  # duration: what the loop waited, the write goes on behind it
+                log.emit("save", step=completed, duration=blocked, asynchronous=True)
+        elif rank == 0:
             began = time.monotonic()
             saved = save_checkpoint(args.run_dir, completed, objects)
             log.emit("save", step=completed, path=str(saved), duration=time.monotonic() - began)
+    if dcp_checkpointer:
+        dcp_checkpointer.wait()
     log.emit("finish", step=args.steps)
     dist.destroy_process_group()
 
