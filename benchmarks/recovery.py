@@ -273,10 +273,12 @@ class Job:
     """One launcher process (and, through the tag, everything it starts),
     output to a log file."""
 
-    def __init__(self, command: list[str], tag: str, log_path: Path) -> None:
+    def __init__(
+        self, command: list[str], tag: str, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.tag = tag
         self.log_path = log_path
-        env = dict(os.environ)
+        env = dict(os.environ, **(env or {}))
         env[TAG_VAR] = tag
         # Temporary files of the launcher (its control directory, the warm
         # pool's socket) go to the drill's directory, which the benchmark
@@ -519,34 +521,46 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["t"])
 
 
-def kill_rank_at(job: Job, log: Path, step: int, deadline: float) -> float:
-    """SIGKILL rank FAIL_RANK of the first attempt as soon as it has logged
-    step ``step - 1`` done; returns the wall time of the kill."""
+def kill_rank_at(
+    job: Job,
+    log: Path,
+    step: int,
+    deadline: float,
+    rank: int = FAIL_RANK,
+    attempt: int = 0,
+    delay_s: float = 0.0,
+) -> float:
+    """SIGKILL ``rank`` of ``attempt`` as soon as it has logged step
+    ``step - 1`` done (plus ``delay_s``, to land at another point of step
+    ``step``); returns the wall time of the kill."""
     tail = LogTail(log)
     pid: int | None = None
     while time.monotonic() < deadline:
         for record in tail.new_records():
-            if record.get("rank") != FAIL_RANK or record.get("attempt") != 0:
+            if record.get("rank") != rank or record.get("attempt") != attempt:
                 continue
             if record["event"] == "start":
                 pid = int(record["pid"])
             elif record["event"] == "step" and record["step"] >= step - 1:
                 if pid is None or pid not in tagged_pids(job.tag):
-                    raise DrillError(f"rank {FAIL_RANK}'s pid {pid} is not a process of this job")
+                    raise DrillError(f"rank {rank}'s pid {pid} is not a process of this job")
+                time.sleep(delay_s)
                 killed_at = time.time()
                 os.kill(pid, signal.SIGKILL)
                 return killed_at
         if job.proc.poll() is not None:
             raise DrillError(f"the job ended (status {job.proc.returncode}) before step {step}")
         time.sleep(POLL_INTERVAL_S)
-    raise DrillError(f"rank {FAIL_RANK} did not reach step {step} before the drill timeout")
+    raise DrillError(f"rank {rank} did not reach step {step} before the drill timeout")
 
 
-def baseline_breakdown(records: list[dict[str, Any]], t_fail: float) -> dict[str, Any]:
+def baseline_breakdown(
+    records: list[dict[str, Any]], t_fail: float, attempt: int = 0
+) -> dict[str, Any]:
     """The parts of one torchrun + periodic checkpoint recovery from the
-    workers' log (see the module docstring)."""
-    first = [r for r in records if r.get("attempt") == 0]
-    second = [r for r in records if r.get("attempt") == 1]
+    workers' log (see the module docstring): the failure of ``attempt``."""
+    first = [r for r in records if r.get("attempt") == attempt]
+    second = [r for r in records if r.get("attempt") == attempt + 1]
     starts = [r for r in second if r["event"] == "start"]
     restores = [r for r in second if r["event"] == "restore"]
     steps = [r for r in second if r["event"] == "step"]
