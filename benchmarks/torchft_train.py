@@ -11,12 +11,17 @@ Each replica group is a one-rank torchrun job, launched by the benchmark as
 
 torchft's way of surviving a replica's death: every step starts a quorum
 (``Manager.start_quorum``) with the lighthouse, gradients are averaged over
-the replica groups in the quorum through torchft's DDP wrapper (its comm
-hook calls ``Manager.allreduce``), and the optimizer steps only if
+the replica groups in the quorum, and the optimizer steps only if
 ``Manager.should_commit()`` says every participant's step went well. A
 group that died is restarted by its torchrun and heals: it fetches the
 live state from a peer (here over the gloo group, PGTransport) and joins
 the next quorum. No checkpoint is written.
+
+Gradients (``--grads``): ``ddp`` (default) is torchft's DistributedDataParallel
+wrapper, whose comm hook calls ``Manager.allreduce`` per bucket; ``allreduce``
+skips DDP and, after backward, calls ``Manager.allreduce`` on every gradient
+and waits for all of them (torchft's other documented way). Both leave a
+failed all-reduce to the manager, which then refuses the commit.
 
 Every step appends ``step`` (the manager's step after it, whether it
 committed, the participants) to ``RUN_DIR/torchft.jsonl`` (the format of
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--group", type=int, required=True, help="this replica group's index")
     parser.add_argument("--groups", type=int, required=True, help="replica groups in the job")
+    parser.add_argument("--grads", choices=("ddp", "allreduce"), default="ddp")
     args = parser.parse_args()
 
     import torch
@@ -116,7 +122,7 @@ def main() -> None:
         hostname="127.0.0.1",
         checkpoint_transport=PGTransport(pg, timeout=MANAGER_TIMEOUT, device=torch.device("cpu")),
     )
-    ddp_model = DistributedDataParallel(manager, model)
+    forward = DistributedDataParallel(manager, model) if args.grads == "ddp" else model
     log.emit("ready", host=socket.gethostname())
 
     batches = example.endless(loader)
@@ -126,9 +132,13 @@ def main() -> None:
         # can say whether the step committed.
         manager.start_quorum()
         optimizer.zero_grad(set_to_none=True)
-        logits = ddp_model(inputs)
+        logits = forward(inputs)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         loss.backward()
+        if args.grads == "allreduce":
+            works = [manager.allreduce(p.grad) for p in model.parameters() if p.grad is not None]
+            for work in works:
+                work.wait()  # an error is the manager's: should_commit() says no
         committed = manager.should_commit()
         if committed:
             optimizer.step()
