@@ -4,6 +4,7 @@ the scripts run as ``python benchmarks/NAME.py``)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,3 +22,20 @@ def source_state() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def standalone_launch(launcher: str, nproc: int, *args: str) -> list[str]:
+    """A single-node job of ``nproc`` ranks: ``launcher`` is the module that
+    launches it, "torch.distributed.run" (torchrun) or "jitckpt" (which
+    takes ``run`` first)."""
+    verb = ["run"] if launcher == "jitckpt" else []
+    return [
+        sys.executable,
+        "-m",
+        launcher,
+        *verb,
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        *args,
+    ]

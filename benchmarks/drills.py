@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import random
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import standalone_launch
 from recovery import (
     BASELINE_LOG,
     BASELINE_WORKER,
@@ -66,14 +67,9 @@ def jitckpt_job(
     fail_steps = [first + index * gap for index in range(failures)]
     specs = [f"{fault}@step={s},rank={ranks - 1},phase={FAIL_PHASE}" for s in fail_steps]
     run_dir = workdir / "run"
-    command = [
-        sys.executable,
-        "-m",
+    command = standalone_launch(
         "jitckpt",
-        "run",
-        "--standalone",
-        "--nproc-per-node",
-        str(ranks),
+        ranks,
         "--max-restarts",
         str(failures + 1),
         *(arg for spec in specs for arg in ("--inject", spec)),
@@ -82,17 +78,9 @@ def jitckpt_job(
         str(fail_steps[-1] + 3),
         "--run-dir",
         str(run_dir),
-    ]
+    )
     job = Job(command, tag, workdir / "output.log")
-    error = None
-    try:
-        code = job.wait(time.monotonic() + timeout_s)
-        if code != 0:
-            error = f"jitckpt run exited with status {code}\n{job.output_tail()}"
-    except DrillError as exc:
-        error = f"{exc}\n{job.output_tail()}"
-    finally:
-        job.close()
+    error = finish(job, time.monotonic() + timeout_s, lambda: None)
     events = read_events(run_dir)
     records = []
     for failure in summarize(events):
@@ -128,13 +116,9 @@ def torchrun_dcp_job(
     kill_offset = save_every + save_every // 2  # mid-interval after the resumed checkpoint
     steps = save_every * failures + kill_offset + 2
     run_dir = workdir / "run"
-    command = [
-        sys.executable,
-        "-m",
+    command = standalone_launch(
         "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(ranks),
+        ranks,
         "--max-restarts",
         str(failures + 1),
         str(BASELINE_WORKER),
@@ -146,13 +130,13 @@ def torchrun_dcp_job(
         str(save_every),
         "--checkpoint",
         "dcp",
-    ]
+    )
     log = run_dir / BASELINE_LOG
     job = Job(command, tag, workdir / "output.log")
     deadline = time.monotonic() + timeout_s
     kills: list[float] = []
-    error = None
-    try:
+
+    def kill_every_attempt() -> None:
         for attempt in range(failures):
             resumed = resumed_step(log, attempt, deadline)
             delay = rng.uniform(0.0, step_time(log, attempt, resumed, deadline))
@@ -161,13 +145,8 @@ def torchrun_dcp_job(
                     job, log, resumed + kill_offset, deadline, ranks - 1, attempt, delay_s=delay
                 )
             )
-        code = job.wait(deadline)
-        if code != 0:
-            error = f"torchrun exited with status {code}\n{job.output_tail()}"
-    except DrillError as exc:
-        error = f"{exc}\n{job.output_tail()}"
-    finally:
-        job.close()
+
+    error = finish(job, deadline, kill_every_attempt)
     records_log = read_records(log) if log.exists() else []
     records = []
     for attempt, t_fail in enumerate(kills):
@@ -185,6 +164,21 @@ def torchrun_dcp_job(
         except (DrillError, KeyError, ValueError) as exc:
             records.append({"survived": False, "error": f"{type(exc).__name__}: {exc}"})
     return {"failures": records, "planned": failures, "error": error}
+
+
+def finish(job: Job, deadline: float, drive: Callable[[], None]) -> str | None:
+    """Run ``drive`` (the kills) while the job runs, wait for the job's end
+    and stop whatever is left of it; returns what went wrong, or None."""
+    try:
+        drive()
+        code = job.wait(deadline)
+        if code != 0:
+            return f"the launcher exited with status {code}\n{job.output_tail()}"
+        return None
+    except DrillError as exc:
+        return f"{exc}\n{job.output_tail()}"
+    finally:
+        job.close()
 
 
 def wait_for_record(log: Path, deadline: float, wanted: Any) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import standalone_launch
 from recovery import DrillError, Job, read_records, tagged_pids
 
 TRAIN = Path(__file__).resolve().parent / "torchft_train.py"
@@ -104,13 +105,9 @@ class TorchftJob:
         )
         env = {"TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{port}"}
         for group in range(groups):
-            command = [
-                sys.executable,
-                "-m",
+            command = standalone_launch(
                 "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "1",
+                1,
                 "--max-restarts",
                 str(restarts),
                 str(TRAIN),
@@ -124,7 +121,7 @@ class TorchftJob:
                 str(groups),
                 "--grads",
                 grads,
-            ]
+            )
             self.jobs.append(Job(command, tag, workdir / f"group{group}.log", env=env))
         self.tag = tag
 

@@ -77,7 +77,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from _common import source_state
+from _common import source_state, standalone_launch
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
@@ -343,13 +343,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def launch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     result = workdir / "result.json"
-    command = [
-        sys.executable,
-        "-m",
+    command = standalone_launch(
         "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(args.nproc),
+        args.nproc,
         str(Path(__file__).resolve()),
         "--worker",
         "--steps",
@@ -366,7 +362,7 @@ def launch(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         str(workdir / "runs"),
         "--result",
         str(result),
-    ]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     try:

@@ -78,6 +78,20 @@ class WorkerLog:
         os.write(self._fd, (json.dumps(record) + "\n").encode())
 
 
+def start_log(run_dir: Path, log_file: str = LOG_FILE, **fields: Any) -> WorkerLog:
+    """This worker's log in ``run_dir``, its first record (``start``) written."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = WorkerLog(
+        run_dir,
+        log_file,
+        **fields,
+        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        pid=os.getpid(),
+    )
+    log.emit("start", process_start=process_start_time())
+    return log
+
+
 def load_model_module() -> ModuleType:
     """The example's GPT, dataset and endless() from the first script that has them."""
     for path in MODEL_SOURCES:
@@ -205,14 +219,7 @@ def main() -> None:
     torch.set_num_threads(1)
     init_process_group()
     rank = dist.get_rank()
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    log = WorkerLog(
-        args.run_dir,
-        rank=rank,
-        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-        pid=os.getpid(),
-    )
-    log.emit("start", process_start=process_start_time())
+    log = start_log(args.run_dir, rank=rank)
     example = load_model_module()
     torch.manual_seed(0)
     dataset = example.BigramSequences(vocab=256, length=64, size=4096)

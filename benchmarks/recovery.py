@@ -121,7 +121,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import source_state
+from _common import source_state, standalone_launch
 
 from jitckpt import proctag
 
@@ -378,14 +378,9 @@ def run_jit_job(
     """One `jitckpt run` of the example with the mode's fault; raises
     DrillError unless it ends with status 0."""
     spec = f"{mode.fault}@step={plan.fail_step},rank={FAIL_RANK},phase={FAIL_PHASE}"
-    command = [
-        sys.executable,
-        "-m",
+    command = standalone_launch(
         "jitckpt",
-        "run",
-        "--standalone",
-        "--nproc-per-node",
-        str(NPROC),
+        NPROC,
         "--inject",
         spec,
         *mode.launch,
@@ -396,7 +391,7 @@ def run_jit_job(
         "--run-dir",
         str(run_dir / "run"),
         *(["--deterministic"] if mode.deterministic else []),
-    ]
+    )
     job = Job(command, tag, run_dir / "output.log")
     try:
         code = job.wait(time.monotonic() + timeout_s)
@@ -605,13 +600,9 @@ def baseline_drill(
 ) -> dict[str, Any]:
     # One step past the killed one, which the restarted job must redo (regain).
     steps = plan.baseline_kill_step + 2
-    command = [
-        sys.executable,
-        "-m",
+    command = standalone_launch(
         "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(NPROC),
+        NPROC,
         "--max-restarts",
         "3",
         str(BASELINE_WORKER),
@@ -621,7 +612,7 @@ def baseline_drill(
         str(run_dir / "run"),
         "--save-every",
         str(plan.save_every),
-    ]
+    )
     log = run_dir / "run" / BASELINE_LOG
     job = Job(command, tag, run_dir / "output.log")
     deadline = time.monotonic() + timeout_s

@@ -32,19 +32,11 @@ survivor's stall and the restarted group's return.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 from datetime import timedelta
 from pathlib import Path
 
-from periodic_baseline import (
-    BATCH_SIZE,
-    LR,
-    WorkerLog,
-    load_model_module,
-    lr_lambda,
-    process_start_time,
-)
+from periodic_baseline import BATCH_SIZE, LR, load_model_module, lr_lambda, start_log
 
 LOG_FILE = "torchft.jsonl"
 # Bound of one gloo collective between replica groups. A peer killed
@@ -71,15 +63,7 @@ def main() -> None:
     from torchft.checkpointing.pg_transport import PGTransport
 
     torch.set_num_threads(1)
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    log = WorkerLog(
-        args.run_dir,
-        log_file=LOG_FILE,
-        group=args.group,
-        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-        pid=os.getpid(),
-    )
-    log.emit("start", process_start=process_start_time())
+    log = start_log(args.run_dir, LOG_FILE, group=args.group)
     example = load_model_module()
     torch.manual_seed(0)
     dataset = example.BigramSequences(vocab=256, length=64, size=4096)
