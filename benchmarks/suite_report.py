@@ -77,6 +77,9 @@ def recovery_summary(result: dict[str, Any]) -> dict[str, Any]:
             for part in sorted(parts_seen)
         },
         "survivor_restarted": sum(bool(f.get("survivor_restarted")) for f in failures),
+        "degraded_steps": spread(
+            [f["degraded_steps"] for f in failures if f.get("degraded_steps") is not None]
+        ),
         # torchft: the killed group's return, whether or not the survivor lived.
         "replica_back_s": spread(
             [
@@ -200,6 +203,12 @@ def peers_notes(name: str, entry: dict[str, Any], report: dict[str, Any]) -> str
         )
         if back:
             notes.append(f"killed group training again after {back['median']:.1f} s (median)")
+        degraded = entry["degraded_steps"]
+        if degraded and entry["survived"]:
+            notes.append(
+                f"meanwhile the survivor trained {degraded['median']:g} steps (median) "
+                "without it, at half the global batch"
+            )
     elif name == BASELINE:
         every = report["config"]["save_every"]
         notes.append(f"DCP checkpoint every {every} steps, kill half an interval after one")
@@ -244,7 +253,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}` at {report['source']}, {m['date']}, {report['wall_s']:.0f} s. "
         f"Machine: {m['cpus']} CPUs, no GPU, Python {m['python']}, torch {m['torch']}, "
         f"torchft {m['torchft'] or 'not installed'}; load average (1, 5, 15 min) {before} "
-        f"before, {after} after (the suite's own ranks add about {report['config']['ranks']}).",
+        f"before, {after} after (the suite's own ranks add about {report['config']['ranks']}); "
+        "1-min load average before each part: "
+        + ", ".join(
+            f"{name} {section.get('load_avg_before', 0):.1f}"
+            for name, section in report["sections"].items()
+        )
+        + ".",
         "",
         *steady_table(report),
         "",
