@@ -1,6 +1,6 @@
 """The whole benchmark suite in one command: JSON plus a markdown table.
 
-    python benchmarks/suite.py                 # full: about 8-10 minutes on 2 quiet cores
+    python benchmarks/suite.py                 # full: 16 min at load 5-11 on 2 cores (README)
     python benchmarks/suite.py --quick         # smoke run: 1 failure per system, 1-2 minutes
     python benchmarks/suite.py --out DIR       # where suite.json and suite.md go (runs/bench)
 

@@ -77,8 +77,10 @@ def recovery_summary(result: dict[str, Any]) -> dict[str, Any]:
             for part in sorted(parts_seen)
         },
         "survivor_restarted": sum(bool(f.get("survivor_restarted")) for f in failures),
+        # torchft: steps the survivor trained without the killed group (a
+        # survivor that crashed trained none worth counting).
         "degraded_steps": spread(
-            [f["degraded_steps"] for f in failures if f.get("degraded_steps") is not None]
+            [f["degraded_steps"] for f in survived if f.get("degraded_steps") is not None]
         ),
         # torchft: the killed group's return, whether or not the survivor lived.
         "replica_back_s": spread(
@@ -206,8 +208,8 @@ def peers_notes(name: str, entry: dict[str, Any], report: dict[str, Any]) -> str
         degraded = entry["degraded_steps"]
         if degraded and entry["survived"]:
             notes.append(
-                f"meanwhile the survivor trained {degraded['median']:g} steps (median) "
-                "without it, at half the global batch"
+                f"while it was away the surviving group trained {degraded['median']:g} steps "
+                "(median over the survived failures) at half the global batch"
             )
     elif name == BASELINE:
         every = report["config"]["save_every"]
