@@ -165,7 +165,10 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             [e["t"] for e in injected] or [e["t"] for e in exits] or [e["t"] for e in detects]
         )
         failure_t = min(candidates)
-        saves = [e for e in evs if e["event"] == "save"]
+        # JIT saves only: a periodic save earlier in the attempt is not part
+        # of the recovery (with a sharded model that lost a shard it is the
+        # only save, and would make the save duration negative).
+        saves = [e for e in evs if e["event"] == "save" and e.get("kind") != "periodic"]
         impossible = _first(evs, "jit_impossible")
         restores = [e for e in nxt if e["event"] == "restore"]
         starts = [e["process_start"] or e["t"] for e in nxt if e["event"] == "start"]
