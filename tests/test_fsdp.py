@@ -178,23 +178,32 @@ def test_hsdp_hang_in_backward_resumes_exactly(tmp_path: Path, reference: tuple[
     assert any(d["cause"] == "hang" for d in failure["detections"]), failure
 
 
-def test_fsdp_kill_falls_back_to_the_periodic_checkpoint(tmp_path: Path) -> None:
-    """1-D FSDP: the killed rank's shard exists nowhere else."""
+def test_fsdp_exception_saves_every_shard_and_kill_falls_back_to_periodic(
+    tmp_path: Path,
+) -> None:
+    """1-D FSDP. A rank raising before any collective broke leaves every rank
+    alive: all shards are saved (its peers, blocked in a healthy all-gather,
+    join through the store). A killed rank's shard exists nowhere else: the
+    job resumes from the periodic checkpoint and says so."""
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
+        "--inject", "raise@step=2,rank=1,phase=forward",
         "--inject", "kill@step=5,rank=2,phase=backward",
         *fsdp_args(run_dir, tmp_path / "digest", mesh="shard=4", steps=7), "--save-every", "2",
     )  # fmt: skip
     assert launch.returncode == 0, show(launch)
-    assert launch.resumed_steps() == [4], show(launch)
+    assert launch.resumed_steps() == [2, 4], show(launch)
+    events = read_events(run_dir)
+    (jit,) = [e for e in events if e["event"] == "save" and e["kind"] == "jit"]
+    assert jit["step"] == 2 and jit["writers"] == [0, 1, 2, 3], jit
     # In the worker's log when it happens, and in the launcher's summary.
     assert "jit impossible: reason: no surviving replica of shard 2" in launch.output
     assert "no surviving replica of shard 2; resuming from periodic checkpoint at step 4" in (
         launch.output
     ), show(launch)
-    (failure,) = summarize(read_events(run_dir))
-    assert failure["restored_kind"] == "periodic"
-    assert not [c for c in storage.run_storage(run_dir).candidates() if c.manifest["kind"] == "jit"]
+    first, second = summarize(events)
+    assert first["restored_kind"] == "jit" and first["iterations_lost"] == 1, first
+    assert second["restored_kind"] == "periodic", second
 
 
 def test_fsdp_preemption_saves_every_shard(tmp_path: Path) -> None:

@@ -255,7 +255,12 @@ class JitCheckpoint:
             else None
         )
         self.heartbeat = (
-            Heartbeat(distributed.side_store(), self.rank, self.tracker)
+            Heartbeat(
+                distributed.side_store(),
+                self.rank,
+                self.tracker,
+                self._on_peer_failure if self.layout is not None else None,
+            )
             if self._uses_store()
             else None
         )
@@ -463,12 +468,20 @@ class JitCheckpoint:
                 )
             finally:
                 self.tracker.unfreeze()
-        # Only after SIGTERM may the loop still be running: let it reach its
-        # next step boundary so that all ranks stop at the same step
-        # (StepTracker.freeze_at_boundary). Other detectors found it blocked.
+        # Only after SIGTERM or a peer's failure may the loop still be
+        # running: let it reach its next step boundary so that all ranks stop
+        # at the same step (StepTracker.freeze_at_boundary). Other detectors
+        # found it blocked.
+        if not self._uses_store():
+            # One process without a launcher: it holds every shard itself.
+            frozen = self.tracker.freeze_at_boundary(0.0)
+            if frozen is None or frozen[1] is None:
+                return None
+            return self._write_sharded(frozen[0].completed, frozen[1], "jit", reason, None, [0])
         store = distributed.side_store()
         sharded.announce(store, self.rank)
-        wait = (self._dirty_wait() if wait_s is None else wait_s) if reason == "sigterm" else 0.0
+        running = reason in ("sigterm", "peer_failure")
+        wait = (self._dirty_wait() if wait_s is None else wait_s) if running else 0.0
         frozen = self.tracker.freeze_at_boundary(wait)
         step = None
         if frozen is not None and frozen[1] is not None:
@@ -938,6 +951,14 @@ class JitCheckpoint:
             timeout_s=timeout_s,
         )
         return False
+
+    def _on_peer_failure(self, who: str) -> None:
+        self._fail(
+            "peer_failure",
+            f"rank {who} entered its failure path",
+            EXIT_AFTER_FAILURE,
+            on_main_thread=False,
+        )
 
     def _on_signal(self, signum: int) -> None:
         self._fail(

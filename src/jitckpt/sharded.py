@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt.errors import CheckpointMismatchError, JitckptError, exit_fatal
-from jitckpt.watchdog import read_suspects
+from jitckpt.watchdog import FAILURE_KEY, read_suspects
 
 # The longest the deciding rank collects the survivors' reports before it
 # chooses the writers. It stops as soon as every rank has posted or is dead
@@ -271,8 +271,10 @@ def announce(store: Any, rank: int) -> None:
     """Say at once that this rank is alive and will post (it may first wait
     for its loop to reach a step boundary): the decider waits for it even if
     its heartbeat stops (a rank whose loop was unwound by an exception stops
-    its heartbeat thread)."""
+    its heartbeat thread). The first to announce also sets FAILURE_KEY, which
+    brings the peers that noticed nothing into the save (jitckpt.watchdog)."""
     store.set(f"{_KEY}/coming/{rank}", "1")
+    store.compare_set(FAILURE_KEY, "", str(rank))
 
 
 def agree_on_writers(
