@@ -251,14 +251,16 @@ def test_sharded_checkpoint_into_a_ddp_job_is_refused(
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
-def test_hsdp_node_loss_resumes_on_a_smaller_mesh(tmp_path: Path) -> None:
+def test_hsdp_shrinks_after_node_loss_and_grows_back(tmp_path: Path) -> None:
     """Two agents of 2 ranks (one replica each); one node dies; the other
-    resumes at 1x2 from the JIT checkpoint its replica wrote."""
+    resumes at 1x2 from the JIT checkpoint its replica wrote. Then the job,
+    submitted again at 4 ranks, grows back to 2x2 from the 1x2 checkpoint."""
     run_dir, digest = tmp_path / "run", tmp_path / "digest"
     codes, text = two_nodes(
         "node@step=2,rank=2,phase=forward",
         *fsdp_args(run_dir, digest, mesh="replicate=-1,shard=2", steps=5),
-    )
+        "--save-every", "5",
+    )  # fmt: skip
     assert codes == [-9, 0], text
     events = read_events(run_dir)
     (save,) = [e for e in events if e["event"] == "save" and e["kind"] == "jit"]
@@ -272,3 +274,16 @@ def test_hsdp_node_loss_resumes_on_a_smaller_mesh(tmp_path: Path) -> None:
     # The state loaded on the 1x2 mesh is bitwise the state the 2x2 mesh saved.
     assert {e["digest"] for e in restores} == {save["digest"]}
     assert digest.exists(), "training completed at world size 2"
+
+    # Grow: the periodic checkpoint of the final step, written at 1x2, loads
+    # onto 2x2, bitwise.
+    grown = jitckpt_run(
+        *fsdp_args(run_dir, tmp_path / "digest2", mesh="replicate=-1,shard=2", steps=6)
+    )
+    assert grown.returncode == 0 and grown.resumed_steps() == [5], show(grown)
+    events = read_events(run_dir)
+    (periodic,) = [e for e in events if e["event"] == "save" and e.get("step") == 5]
+    assert periodic["kind"] == "periodic" and periodic["writers"] == [0, 1]
+    regrown = [e for e in events if e["event"] == "restore" and e["path"] == periodic["path"]]
+    assert {e["saved_world_size"] for e in regrown} == {2} and len(regrown) == 4
+    assert {e["digest"] for e in regrown} == {periodic["digest"]}
