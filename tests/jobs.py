@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,50 @@ def show(launch: Launch) -> str:
         if "UserWarning" not in line and "set_vital" not in line
     ]
     return "\n".join(lines[-60:])
+
+
+# Upper bound for one agent of a two-node job (a node loss, then a restart).
+NODE_TIMEOUT_S = 240
+
+
+def two_nodes(inject: str, *script: str) -> tuple[list[int], str]:
+    """Two `jitckpt run` agents of 2 ranks each (--nnodes=1:2, c10d rendezvous
+    on 127.0.0.1) running ``script``, with the fault ``inject``. Returns the
+    agents' exit statuses, sorted, and the tails of their outputs.
+
+    The rendezvous store lives outside both agents (is_host=false), like a
+    head node's: the test hosts it, so either node may be the one to die."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+    )
+    tag = uuid.uuid4().hex
+    env = dict(os.environ, JITCKPT_TEST_TAG=tag, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "jitckpt", "run",
+        "--nnodes", "1:2", "--nproc-per-node", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-id", tag,
+        "--rdzv-conf", "is_host=false,keep_alive_interval=1,keep_alive_max_attempt=2,last_call_timeout=3",
+        "--inject", inject,
+        *script,
+    ]  # fmt: skip
+    agents = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = []
+    try:
+        for agent in agents:
+            out, _ = agent.communicate(timeout=NODE_TIMEOUT_S)
+            outputs.append(out.decode(errors="replace"))
+    finally:
+        kill_tagged(tag)
+    return sorted(agent.returncode for agent in agents), "\n".join(o[-4000:] for o in outputs)

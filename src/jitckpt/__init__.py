@@ -20,6 +20,7 @@ __all__ = [
     "JitCheckpoint",
     "ElasticDistributedSampler",
     "init_process_group",
+    "init_device_mesh",
     "state_digest",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -31,6 +32,7 @@ _LAZY = {
     "JitCheckpoint": "jitckpt.checkpoint",
     "ElasticDistributedSampler": "jitckpt.data",
     "init_process_group": "jitckpt.distributed",
+    "init_device_mesh": "jitckpt.sharded",
     "state_digest": "jitckpt.digest",
     "CheckpointError": "jitckpt.errors",
     "CheckpointMismatchError": "jitckpt.errors",
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from jitckpt.digest import state_digest
     from jitckpt.distributed import init_process_group
     from jitckpt.errors import CheckpointError, CheckpointMismatchError, RunDirError
+    from jitckpt.sharded import init_device_mesh
 
 
 def __getattr__(name: str) -> Any:

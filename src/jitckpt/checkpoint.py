@@ -26,13 +26,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jitckpt import __version__, distributed, inprocess, rng, signals, storage
+from jitckpt import __version__, distributed, inprocess, rng, sharded, signals, storage
 from jitckpt.archive import Archive
 from jitckpt.comm import CanonicalAllreduce, observed_allreduce_hook
 from jitckpt.data import DataPosition
 from jitckpt.digest import state_digest
 from jitckpt.errors import (
-    EXIT_FATAL,
     EXIT_SAVED_AND_STOPPED,
     CheckpointError,
     CheckpointMismatchError,
@@ -40,6 +39,7 @@ from jitckpt.errors import (
     InjectedFault,
     JitckptError,
     RunDirError,
+    exit_fatal,
 )
 from jitckpt.events import EventLog
 from jitckpt.gpu import DeviceSteps, SideStreamCopy, on_cuda
@@ -103,7 +103,10 @@ class JitCheckpoint:
     Args:
         run_dir: directory for checkpoints and the event log; created if
             missing. Every rank of the job must see the same directory.
-        model: the model, usually wrapped in DistributedDataParallel.
+        model: the model, usually wrapped in DistributedDataParallel, or
+            sharded with FSDP2 ``fully_shard`` on a 1-D or 2-D (HSDP) mesh
+            (see jitckpt.sharded: JIT saves then need one surviving replica
+            of every shard).
         optimizer: its optimizer (step pre/post hooks are registered on it).
         scheduler: optional LR scheduler, saved and restored with the state.
         loader: optional StatefulDataLoader; its position and its sampler's
@@ -123,7 +126,9 @@ class JitCheckpoint:
             long work outside the step (evaluation) in :meth:`paused`.
         save_every, save_every_s: the periodic backstop (off by default):
             also checkpoint every N steps / T seconds, asynchronously, for
-            failures no replica survives (see jitckpt.periodic).
+            failures no replica survives (see jitckpt.periodic). For a
+            sharded model only ``save_every``, and the save is a
+            collective at the step boundary (every rank writes its shards).
         keep_periodic, keep_jit: how many steps of each kind to keep on disk.
         stage_dir: stage JIT saves in this directory of host shared memory
             (e.g. "/dev/shm"; default: $JITCKPT_STAGE_DIR, else off) and
@@ -185,6 +190,18 @@ class JitCheckpoint:
         self.state = TrainingState(
             model, optimizer, scheduler, scaler, self._data, dict(extras or {})
         )
+        self.periodic: PeriodicSaver | None = None
+        try:
+            self.layout = sharded.layout_of(model)
+            if self.layout is not None and save_every_s:
+                raise JitckptError(
+                    "save_every_s: time-based periodic saves would need the ranks of a sharded "
+                    "model to agree on when to save; use save_every (steps)"
+                )
+        except JitckptError as exc:
+            exit_fatal(str(exc), self.rank)
+        self._sharded_every = save_every if self.layout is not None else None
+        self.keep_periodic = keep_periodic
         self.injector = Injector(
             parse_specs(os.environ.get(INJECT_ENV)),
             self.run_dir,
@@ -235,11 +252,16 @@ class JitCheckpoint:
             PeriodicSaver(
                 self.storage, save_every, save_every_s, self._manifest, self.events, keep_periodic
             )
-            if (save_every or save_every_s) and self.rank == 0
+            if (save_every or save_every_s) and self.rank == 0 and self.layout is None
             else None
         )
         self.heartbeat = (
-            Heartbeat(distributed.side_store(), self.rank, self.tracker)
+            Heartbeat(
+                distributed.side_store(),
+                self.rank,
+                self.tracker,
+                self._on_peer_failure if self.layout is not None else None,
+            )
             if self._uses_store()
             else None
         )
@@ -326,6 +348,8 @@ class JitCheckpoint:
             return self._save(reason, wait_s)
 
     def _save(self, reason: str, wait_s: float | None) -> Path | None:
+        if self.layout is not None:
+            return self._save_sharded(reason, wait_s)
         started = time.monotonic()
         wait = self._dirty_wait() if wait_s is None else wait_s
         frozen = self.tracker.freeze_clean(wait)
@@ -413,6 +437,10 @@ class JitCheckpoint:
         hashes every byte (0.2 s for 300 MB) on the save's critical path."""
         if not self.deterministic or self._device_steps is not None:
             return None  # on a GPU it would copy on the (maybe blocked) compute stream
+        if self.layout is not None:
+            # A collective (the shards are gathered): only the restore path,
+            # where the new group is healthy, calls this for a sharded model.
+            return sharded.full_digest(self.state.model, self.state.optimizer)
         return state_digest(self.state.model, self.state.optimizer)
 
     def _mark_saving(self) -> None:
@@ -439,13 +467,128 @@ class JitCheckpoint:
             "world_size": self.world_size,
             "writer_rank": self.rank,
             "attempt": self.attempt,
-            "layout": {"type": "ddp"},
+            "layout": self._layout(),
             "created": time.time(),
             "torch_version": torch.__version__,
             "jitckpt_version": __version__,
             "run_id": self.run_id,
             "model_signature": model_signature(self.state.model),
         }
+
+    def _layout(self) -> dict[str, Any]:
+        return self.layout.to_manifest() if self.layout is not None else {"type": "ddp"}
+
+    # -- sharded models (jitckpt.sharded) ----------------------------------------
+    def _save_sharded(self, reason: str, wait_s: float | None) -> Path | None:
+        """A JIT save of a sharded model: the survivors agree on one writer
+        per shard through the store, the writers save together on a fresh
+        group. A manual save is a collective of all ranks."""
+        if reason == "manual":
+            frozen = self.tracker.freeze_clean(0.0)
+            try:
+                if frozen is None or frozen[1] is None:
+                    self._warn("save_skipped", reason="manual save outside a clean step")
+                    return None
+                position, snapshot = frozen
+                return self._write_sharded(
+                    position.completed, snapshot, "jit", reason, None, list(range(self.world_size))
+                )
+            finally:
+                self.tracker.unfreeze()
+        # Only after SIGTERM or a peer's failure may the loop still be
+        # running: let it reach its next step boundary so that all ranks stop
+        # at the same step (StepTracker.freeze_at_boundary). Other detectors
+        # found it blocked.
+        if not self._uses_store():
+            # One process without a launcher: it holds every shard itself.
+            frozen = self.tracker.freeze_at_boundary(0.0)
+            if frozen is None or frozen[1] is None:
+                return None
+            return self._write_sharded(frozen[0].completed, frozen[1], "jit", reason, None, [0])
+        store = distributed.side_store()
+        sharded.announce(store, self.rank)
+        running = reason in ("sigterm", "peer_failure")
+        wait = (self._dirty_wait() if wait_s is None else wait_s) if running else 0.0
+        frozen = self.tracker.freeze_at_boundary(wait)
+        step = None
+        if frozen is not None and frozen[1] is not None:
+            step = frozen[0].completed
+        self._mark_saving()
+        assert self.layout is not None
+        decision, decided = sharded.agree_on_writers(store, self.layout, self.rank, step)
+        if decided:
+            self.events.emit("jit_plan", **decision.as_dict())
+        if decision.step is None:
+            if decided:
+                self._warn(
+                    "jit_impossible",
+                    reason=decision.reason,
+                    lost_shard=decision.lost_shard,
+                    held_by=self.layout.holders(decision.lost_shard)
+                    if decision.lost_shard is not None
+                    else None,
+                    next="the job resumes from the newest periodic checkpoint",
+                )
+            return None
+        if self.rank not in decision.writers or frozen is None:
+            return None
+        group = sharded.writers_group(decision.writers)
+        return self._write_sharded(decision.step, frozen[1], "jit", reason, group, decision.writers)
+
+    def _write_sharded(
+        self,
+        step: int,
+        snapshot: Mapping[str, Any],
+        kind: str,
+        reason: str | None,
+        group: dist.ProcessGroup | None,
+        writers: list[int],
+    ) -> Path | None:
+        """Every writer saves its shards into one temporary directory; the
+        lowest one commits it (non-tensor state, checksums, manifest, rename)."""
+        started = time.monotonic()
+        committer = min(writers)
+        manifest = dict(
+            self._manifest(step),
+            kind=kind,
+            writer_rank=committer,
+            writer_ranks=writers,
+            **({"reason": reason} if reason else {}),
+        )
+        try:
+            tmp = self.storage.temporary(manifest)
+            sharded.save_tensors(
+                sharded.tensor_state(self.state.model, self.state.optimizer), tmp, group
+            )
+            if self.rank != committer:
+                self.events.emit(
+                    "shards_written", kind=kind, step=step, duration=time.monotonic() - started
+                )
+                return None
+            payload = Archive(self.state.tree(step, self.rank, snapshot, tensors=False))
+            path = self.storage.commit(tmp, manifest, payload)
+        except CheckpointWriteError as exc:
+            self._warn("save_failed", kind=kind, step=step, error=str(exc))
+            return None
+        written = storage.read_manifest(path)["files"]
+        self.events.emit(
+            "save",
+            kind=kind,
+            step=step,
+            path=str(path),
+            bytes=sum(entry["size"] for entry in written.values()),
+            writers=writers,
+            staged=False,
+            duration=time.monotonic() - started,
+            # Deterministic mode: the state as written, read back whole (the
+            # writers' group is too small to gather it from memory).
+            digest=sharded.checkpoint_digest(path) if self.deterministic else None,
+        )
+        return path
+
+    def _on_reduced(self, *_: Any) -> None:
+        self.tracker.progress += 1
+        self.injector.at("allreduce")
 
     # -- step boundaries and hooks ----------------------------------------------
     def _boundary(self, step: int) -> None:
@@ -475,6 +618,13 @@ class JitCheckpoint:
                 self.staging.remove_persisted()
         if self.periodic is not None and step > self.start_step and self.periodic.due(step):
             self.periodic.save(step, self.state.tree(step, self.rank, snapshot), self._updated)
+        if self._sharded_every and step > self.start_step and step % self._sharded_every == 0:
+            # Every rank holds only its shards: a collective save at the
+            # boundary (synchronous; the DDP backstop's rank-0 copy does not apply).
+            if self._write_sharded(
+                step, snapshot, "periodic", None, None, list(range(self.world_size))
+            ):
+                self.storage.prune("periodic", self.keep_periodic)
         self.injector.at("data", step)
 
     def _before_update(self, *_: Any) -> None:
@@ -580,6 +730,15 @@ class JitCheckpoint:
                 for parameter in model.parameters():
                     if parameter.requires_grad:
                         parameter.register_post_accumulate_grad_hook(self._count_gradient)
+        elif self.layout is not None:
+            # FSDP2 calls this after each module's gradient reduction
+            # (reduce-scatter, plus the replicas' all-reduce in HSDP): progress
+            # inside backward for the watchdog, and the "allreduce" phase.
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_all_reduce_hook(self._on_reduced)
         elif self.world_size > 1:
             self.events.emit("warning", detail="model is not DistributedDataParallel")
 
@@ -614,12 +773,19 @@ class JitCheckpoint:
             return 0
         path, manifest = chosen.path, chosen.manifest
         assert manifest is not None
+        saved_layout = manifest.get("layout", {"type": "ddp"})
+        sharded.check_layout(saved_layout, self._layout(), str(path))
         check_signature(manifest["model_signature"], self.state.model, str(path))
         self.injector.at("restore", int(manifest["step"]))
         if payload is None:
             payload = decode(self.storage.read_verified(chosen), str(path / storage.PAYLOAD))
         try:
-            self.state.restore(payload, str(path))
+            if self.layout is not None:
+                # Everything that can be refused is checked before DCP
+                # overwrites the model and optimizer.
+                self.state.check(payload, str(path))
+                sharded.load_tensors(self.state.model, self.state.optimizer, path)
+            self.state.restore(payload, str(path), tensors=self.layout is None)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - a torch load error, made actionable
@@ -741,6 +907,9 @@ class JitCheckpoint:
                 try:
                     data = source.read_verified(candidate)
                     payload = decode(data, str(candidate.path / storage.PAYLOAD))
+                    if len(candidate.manifest["files"]) > 1:  # type: ignore[index]
+                        # Sharded: DCP reads the tensor files without checking them.
+                        source.verify_files(candidate)
                 except CheckpointError as exc:
                     problem = str(exc)
             if problem is not None or candidate.manifest is None or payload is None:
@@ -752,6 +921,9 @@ class JitCheckpoint:
                 )
                 continue
             manifest = candidate.manifest
+            sharded.check_layout(
+                manifest.get("layout", {"type": "ddp"}), self._layout(), str(candidate.path)
+            )
             check_signature(
                 manifest.get("model_signature", {}), self.state.model, str(candidate.path)
             )
@@ -811,6 +983,14 @@ class JitCheckpoint:
         )
         return False
 
+    def _on_peer_failure(self, who: str) -> None:
+        self._fail(
+            "peer_failure",
+            f"rank {who} entered its failure path",
+            EXIT_AFTER_FAILURE,
+            on_main_thread=False,
+        )
+
     def _on_signal(self, signum: int) -> None:
         self._fail(
             "sigterm", f"received signal {signum}", EXIT_SAVED_AND_STOPPED, on_main_thread=False
@@ -830,14 +1010,7 @@ class JitCheckpoint:
 
     def _report_fatal(self, exc: BaseException) -> None:
         """Tell the launcher not to restart: no attempt can get past this."""
-        print(f"jitckpt: error: {exc}", file=sys.stderr, flush=True)
-        control = os.environ.get("JITCKPT_CONTROL_DIR")
-        if control:
-            Path(
-                control, f"fatal-{self.rank if hasattr(self, 'rank') else os.getpid()}"
-            ).write_text(str(exc))
-        sys.stderr.flush()
-        os._exit(EXIT_FATAL)
+        exit_fatal(str(exc), self.rank if hasattr(self, "rank") else os.getpid())
 
     def _fail(
         self, cause: str, detail: str, exit_code: int, *, on_main_thread: bool, **extra: Any

@@ -30,6 +30,13 @@ def _feed(hasher: Any, name: str, value: Any) -> None:
 
 
 def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """For a model sharded with fully_shard the digest covers the whole
+    state, gathered from the shards: every rank must call it (a collective),
+    and every rank gets the same digest, whatever the mesh."""
+    from jitckpt import sharded
+
+    if sharded.layout_of(model) is not None:
+        return sharded.full_digest(model, optimizer)
     hasher = hashlib.sha256()
     for name, tensor in unwrap(model).state_dict().items():
         _feed(hasher, f"model.{name}", tensor)

@@ -3,6 +3,11 @@ setting at fault and what to do about it."""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
 
 class JitckptError(Exception):
     """Base class of every error jitckpt raises on purpose."""
@@ -43,3 +48,15 @@ EXIT_SAVED_AND_STOPPED = 75
 # that does not fit the model, an unusable run directory). The launcher stops
 # restarting when a worker reports one.
 EXIT_FATAL = 78  # EX_CONFIG
+
+
+def exit_fatal(message: str, rank: int | str) -> NoReturn:
+    """Print the error, tell the launcher not to restart (a file in its
+    control directory: no attempt can get past this) and exit EXIT_FATAL."""
+    print(f"jitckpt: error: {message}", file=sys.stderr, flush=True)
+    control = os.environ.get("JITCKPT_CONTROL_DIR")
+    if control:
+        Path(control, f"fatal-{rank}").write_text(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FATAL)

@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="re-read every file and check its SHA-256 (default: manifests and file sizes only)",
+        help="re-read every file and check its checksum (default: manifests and file sizes only)",
     )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
         if problem is None and candidate.manifest is not None:
             try:
                 if args.verify:
-                    store.read_verified(candidate)
+                    # Every file: a sharded checkpoint has one per writer too.
+                    store.verify_files(candidate)
                 else:
                     store.check_sizes(candidate)
             except CheckpointError as exc:
@@ -49,6 +50,7 @@ def main(argv: list[str]) -> int:
                 "step": m.get("step"),
                 "world_size": m.get("world_size"),
                 "writer_rank": m.get("writer_rank"),
+                "layout": (m.get("layout") or {}).get("type"),
                 "bytes": size,
                 "valid": problem is None,
                 "problem": problem,

@@ -100,13 +100,17 @@ class TrainingState:
         rank: int,
         boundary: Mapping[str, Any],
         components: Mapping[str, Any] | None = None,
+        *,
+        tensors: bool = True,
     ) -> dict[str, Any]:
         """The state as nested containers of live tensors and plain values.
         ``components`` replaces the live model/optimizer/... part (a view
-        taken earlier: jitckpt.gpu)."""
+        taken earlier: jitckpt.gpu). ``tensors=False`` leaves out the model
+        and optimizer (a sharded checkpoint stores them with
+        torch.distributed.checkpoint)."""
         return {
             "step": step,
-            **(components if components is not None else self.components()),
+            **(components if components is not None else self.components(tensors=tensors)),
             "data": boundary.get("data"),
             "rng": (
                 {"rank": rank, "state": rng.to_checkpoint(boundary["rng"])}
@@ -115,19 +119,37 @@ class TrainingState:
             ),
         }
 
-    def components(self) -> dict[str, Any]:
-        """The model, optimizer, scheduler, scaler and extras state dicts."""
+    def components(self, *, tensors: bool = True) -> dict[str, Any]:
+        """The model, optimizer, scheduler, scaler and extras state dicts
+        (model and optimizer None without ``tensors``)."""
         return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": unwrap(self.model).state_dict() if tensors else None,
+            "optimizer": self.optimizer.state_dict() if tensors else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
         }
 
-    def restore(self, payload: Mapping[str, Any], where: str) -> None:
+    def restore(self, payload: Mapping[str, Any], where: str, *, tensors: bool = True) -> None:
         """Load a decoded payload. Checks everything that can be checked
-        before the first component is touched."""
+        before the first component is touched. ``tensors=False``: the model
+        and optimizer were loaded already (jitckpt.sharded)."""
+        self.check(payload, where)
+        if tensors:
+            unwrap(self.model).load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(payload["scaler"])
+        if self.data is not None:
+            self.data.load_state_dict(payload["data"])
+        for name, obj in self.extras.items():
+            obj.load_state_dict(payload["extras"][name])
+
+    def check(self, payload: Mapping[str, Any], where: str) -> None:
+        """Raise CheckpointMismatchError if ``payload`` lacks a component this
+        state has, or its data position cannot be used here."""
         missing = [name for name in self.extras if name not in payload.get("extras", {})]
         if missing:
             raise CheckpointMismatchError(
@@ -146,16 +168,6 @@ class TrainingState:
                 )
         if self.data is not None and hasattr(self.data, "check"):
             self.data.check(payload["data"], where)
-        unwrap(self.model).load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(payload["scheduler"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(payload["scaler"])
-        if self.data is not None:
-            self.data.load_state_dict(payload["data"])
-        for name, obj in self.extras.items():
-            obj.load_state_dict(payload["extras"][name])
 
 
 def _clone(tensor: torch.Tensor) -> torch.Tensor:

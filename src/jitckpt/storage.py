@@ -2,7 +2,10 @@
 
 A checkpoint is a directory ``<root>/step-<N>-<kind>-a<attempt>-r<rank>``
 holding ``state.pt`` (the payload, a jitckpt.archive) and ``manifest.json``
-(written last). It is written under a temporary name, every file and the
+(written last). A sharded checkpoint (jitckpt.sharded) holds more files,
+written by several ranks into one temporary directory (:meth:`~DirectoryStorage.temporary`)
+and committed by one of them (:meth:`~DirectoryStorage.commit`), which lists
+every file with its size and checksum in the manifest. It is written under a temporary name, every file and the
 directory fsynced, then renamed into place, and the parent directory
 fsynced: a checkpoint exists only once it is complete, and a writer killed
 mid-save leaves at most a ``.tmp-*`` directory that readers ignore and the
@@ -221,10 +224,7 @@ class DirectoryStorage:
         CheckpointWriteError (with nothing left behind) if the write fails."""
         body: Payload = _Bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
         point = on_point or (lambda _name: None)
-        name = (
-            f"step-{manifest['step']:09d}-{manifest['kind']}"
-            f"-a{manifest['attempt']}-r{manifest['writer_rank']}"
-        )
+        name = checkpoint_name(manifest)
         final = self.root / name
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         try:
@@ -249,6 +249,68 @@ class DirectoryStorage:
         point("renamed")
         _fsync_path(self.root)
         return final
+
+    def temporary(self, manifest: dict[str, Any]) -> Path:
+        """The temporary directory of a multi-writer checkpoint: a name every
+        writer derives from the same manifest fields (kind, step, attempt,
+        committing rank), so they meet there without talking. Created empty
+        (a leftover of an interrupted save of the same name is removed)."""
+        tmp = self.root / f".tmp-{checkpoint_name(manifest)}-shared"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CheckpointWriteError(self._explain(exc, tmp.name, 0)) from None
+        return tmp
+
+    def commit(self, tmp: Path, manifest: dict[str, Any], payload: Payload | bytes) -> Path:
+        """Finish a multi-writer checkpoint whose other files are already in
+        ``tmp`` (written and fsynced by their writers): write ``payload`` as
+        state.pt, list every file with size and CRC32, write the manifest
+        last, fsync, rename into place. Same guarantees as :meth:`write`."""
+        body: Payload = _Bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
+        name = checkpoint_name(manifest)
+        final = self.root / name
+        try:
+            files: dict[str, dict[str, Any]] = {}
+            size, crc = _write_file(tmp / PAYLOAD, body)
+            files[PAYLOAD] = {"size": size, "crc32": crc}
+            for path in sorted(tmp.iterdir()):
+                if path.name in (PAYLOAD, MANIFEST) or not path.is_file():
+                    continue
+                files[path.name] = {"size": path.stat().st_size, "crc32": _file_crc32(path)}
+            full = dict(manifest, format=FORMAT, files=files)
+            text = json.dumps(full, indent=1, sort_keys=True).encode()
+            _write_file(tmp / MANIFEST, _Bytes(text))
+            _fsync_path(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
+        _fsync_path(self.root)
+        return final
+
+    def verify_files(self, candidate: Candidate) -> None:
+        """Check size and checksum of every file the manifest lists (a
+        sharded checkpoint's tensor files are read by torch.distributed.checkpoint,
+        which does not check them)."""
+        self.check_sizes(candidate)
+        assert candidate.manifest is not None
+        for name, entry in candidate.manifest["files"].items():
+            file_path = candidate.path / name
+            expected = checksum_of(entry)
+            actual = (
+                f"crc32:{_file_crc32(file_path)}"
+                if expected is not None and expected.startswith("crc32:")
+                else _checksum(file_path.read_bytes(), expected)
+            )
+            if actual != expected:
+                raise CheckpointError(
+                    f"{file_path}: checksum mismatch ({actual}, manifest says {expected}): "
+                    f"the file is corrupt"
+                )
 
     def _explain(self, exc: OSError, name: str, size: int) -> str:
         where = f"checkpoint {name} in {self.root}"
@@ -373,6 +435,21 @@ class DirectoryStorage:
                 shutil.rmtree(candidate.path, ignore_errors=True)
                 removed.append(candidate.path)
         return removed
+
+
+def checkpoint_name(manifest: dict[str, Any]) -> str:
+    return (
+        f"step-{manifest['step']:09d}-{manifest['kind']}"
+        f"-a{manifest['attempt']}-r{manifest['writer_rank']}"
+    )
+
+
+def _file_crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def run_storage(run_dir: str | os.PathLike[str]) -> DirectoryStorage:

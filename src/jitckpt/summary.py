@@ -165,7 +165,11 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             [e["t"] for e in injected] or [e["t"] for e in exits] or [e["t"] for e in detects]
         )
         failure_t = min(candidates)
-        saves = [e for e in evs if e["event"] == "save"]
+        # JIT saves only: a periodic save earlier in the attempt is not part
+        # of the recovery (with a sharded model that lost a shard it is the
+        # only save, and would make the save duration negative).
+        saves = [e for e in evs if e["event"] == "save" and e.get("kind") != "periodic"]
+        impossible = _first(evs, "jit_impossible")
         restores = [e for e in nxt if e["event"] == "restore"]
         starts = [e["process_start"] or e["t"] for e in nxt if e["event"] == "start"]
         restore_begins = [e["t"] - e["duration"] for e in restores]
@@ -205,6 +209,9 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if (begun and resumed is not None)
             else None,
             "recovery_s": (first_step["t"] - failure_t) if first_step else None,
+            # Why no JIT checkpoint could be written (a sharded model lost
+            # every replica of a shard: jitckpt.sharded).
+            "jit_impossible": impossible["reason"] if impossible else None,
         }
         failures.append(record)
     return failures
@@ -256,6 +263,13 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
         lines.append(
             f"    iterations lost: {f['iterations_lost']}; failure to next completed step {_fmt(f['recovery_s'])}"
         )
+        if f["jit_impossible"]:
+            fallback = (
+                f"resuming from {f['restored_kind']} checkpoint at step {f['resumed_step']}"
+                if f["restored_kind"]
+                else "no older checkpoint to resume from"
+            )
+            lines.append(f"    {f['jit_impossible']}; {fallback}")
     return "\n".join(lines)
 
 

@@ -58,6 +58,8 @@ class StepTracker:
         self._optimizer_started = False
         self._optimizer_finished = False
         self._frozen = False
+        # Park only at step boundaries (sharded layouts, see freeze_at_boundary).
+        self._frozen_at_boundary = False
         # Bumped at every point the loop passes (boundary, forward, backward,
         # each gradient bucket, optimizer step): the hang watchdog's measure of
         # progress. A plain int: one writer (the training thread), and readers
@@ -90,6 +92,8 @@ class StepTracker:
             self._cond.notify_all()
             # Park only after publishing the clean state: a saver waiting in
             # freeze_clean() for the dirty window to end is woken by it.
+            while self._frozen_at_boundary:
+                self._cond.wait()
             self._gate()
 
     def enter_dirty(self) -> None:
@@ -137,8 +141,32 @@ class StepTracker:
             )
             return position, self.boundary_snapshot
 
+    def freeze_at_boundary(self, timeout: float) -> tuple[Position, Any] | None:
+        """Let the loop run on to its next step boundary (up to ``timeout``
+        seconds) and park it there; then as :meth:`freeze_clean`.
+
+        For sharded layouts, where every shard must be saved at the same
+        step: a rank parked at its optimizer gate (step i not applied) while
+        a peer that was already inside its optimizer step goes on to i+1
+        would leave shards of two different steps. Parking only at
+        boundaries lets every rank that can finish step i do so; a rank that
+        cannot (blocked in a collective of step i+1) is clean at i+1."""
+        with self._cond:
+            start = self._completed
+            self._frozen_at_boundary = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._completed > start, timeout=timeout)
+            self._frozen = True
+            if self._dirty:
+                return None
+            position = Position(
+                self._completed, self._dirty, self._optimizer_started, self._optimizer_finished
+            )
+            return position, self.boundary_snapshot
+
     def unfreeze(self) -> None:
         with self._cond:
+            self._frozen_at_boundary = False
             self._frozen = False
             self._cond.notify_all()
 

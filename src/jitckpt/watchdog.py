@@ -38,6 +38,14 @@ HEARTBEAT_INTERVAL_S = 0.25
 STALE_AFTER_S = 1.0
 
 
+# Set in the store by the first rank of a sharded model that enters its
+# failure path (jitckpt.sharded.announce). Its peers may not notice anything
+# themselves (a rank that raised before any collective broke leaves them
+# blocked in a healthy collective, waiting for it), yet the save of all
+# shards needs them: their heartbeat threads see this key and start theirs.
+FAILURE_KEY = "failure"
+
+
 # Before a step has completed in this process there is no step time to
 # judge by (the first step may compile or warm up for long): a generous fixed
 # timeout still beats gloo's 30 minutes.
@@ -56,12 +64,21 @@ def hang_timeout(tracker: StepTracker, override: float | None) -> float:
 
 class Heartbeat:
     """Publishes ``hb/<rank>`` = {t, progress, completed} every interval;
-    progress counts from the start of the step ``completed``."""
+    progress counts from the start of the step ``completed``. With
+    ``on_peer_failure``, also watches FAILURE_KEY and calls it once, from a
+    thread of its own, with the rank that set the key."""
 
-    def __init__(self, store: Any, rank: int, tracker: StepTracker) -> None:
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        tracker: StepTracker,
+        on_peer_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.rank = rank
         self.tracker = tracker
+        self.on_peer_failure = on_peer_failure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jitckpt-heartbeat", daemon=True)
 
@@ -87,6 +104,12 @@ class Heartbeat:
             }
             try:
                 self.store.set(f"hb/{self.rank}", json.dumps(record))
+                if self.on_peer_failure is not None and self.store.check([FAILURE_KEY]):
+                    who = self.store.get(FAILURE_KEY).decode()
+                    callback, self.on_peer_failure = self.on_peer_failure, None
+                    threading.Thread(
+                        target=callback, args=(who,), name="jitckpt-peer-failure", daemon=True
+                    ).start()
             except Exception:  # noqa: BLE001 - a lost store shows up as stale heartbeats elsewhere
                 pass
             self._stop.wait(HEARTBEAT_INTERVAL_S)

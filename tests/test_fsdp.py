@@ -1,0 +1,289 @@
+"""Sharded models: FSDP2 fully_shard on a 1-D mesh and HSDP on a 2x2
+replicate x shard mesh, 4 ranks on gloo (examples/train_gpt_fsdp.py).
+
+Drills as in test_drills.py: a fault injected at a step and phase, the final
+digest compared with one failure-free run shared by the module. To keep the
+file to a few minutes, two failures share one launch where their steps
+allow it. Fast unit tests of the writer choice and layout rules come first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from jobs import REPO, Launch, jitckpt_run, show, two_nodes
+
+from jitckpt import sharded, storage
+from jitckpt.errors import EXIT_FATAL, EXIT_SAVED_AND_STOPPED, CheckpointError
+from jitckpt.errors import CheckpointMismatchError as Mismatch
+from jitckpt.events import read_events
+from jitckpt.summary import summarize
+
+EXAMPLE_FSDP = REPO / "examples" / "train_gpt_fsdp.py"
+EXAMPLE_DDP = REPO / "examples" / "train_gpt.py"
+STEPS = 10
+HSDP = "replicate=2,shard=2"
+
+# -- units: who writes, what maps ------------------------------------------------
+GRID_2X2 = sharded.MeshLayout(((0, 1), (2, 3)), ("replicate", "shard"))
+GRID_1D = sharded.MeshLayout(((0, 1, 2, 3),), ("shard",))
+
+
+def test_writers_one_intact_replica_preferred() -> None:
+    decision = sharded.choose_writers(GRID_2X2, {0: 6, 1: 6, 2: 6})
+    assert (decision.step, decision.writers) == (6, [0, 1])
+
+
+def test_writers_mix_replicas_when_no_replica_is_whole() -> None:
+    # Rank 1 (replica 0, shard 1) and rank 2 (replica 1, shard 0) are gone.
+    decision = sharded.choose_writers(GRID_2X2, {0: 6, 3: 6})
+    assert (decision.step, decision.writers) == (6, [0, 3])
+
+
+def test_writers_take_the_newest_step_every_shard_has() -> None:
+    decision = sharded.choose_writers(GRID_2X2, {0: 7, 1: 7, 2: 6, 3: 6})
+    assert (decision.step, decision.writers) == (7, [0, 1])
+
+
+def test_lost_shard_is_named() -> None:
+    decision = sharded.choose_writers(GRID_1D, {0: 5, 1: 5, 3: 5})
+    assert decision.step is None and decision.lost_shard == 2
+    assert decision.reason == "no surviving replica of shard 2"
+
+
+def test_shards_at_different_steps_cannot_be_combined() -> None:
+    decision = sharded.choose_writers(GRID_2X2, {0: 6, 1: 7, 3: 7})
+    assert decision.step is None and decision.lost_shard is None
+    assert "different steps" in str(decision.reason)
+
+
+def test_layouts_that_map_and_that_do_not() -> None:
+    hsdp = GRID_2X2.to_manifest()
+    assert hsdp == {"type": "hsdp", "mesh_shape": [2, 2], "mesh_dim_names": ["replicate", "shard"]}
+    sharded.check_layout(hsdp, GRID_1D.to_manifest(), "ck")  # resharding
+    sharded.check_layout({"type": "ddp"}, {"type": "ddp"}, "ck")
+    with pytest.raises(Mismatch, match="HSDP .* cannot be mapped onto this DDP job"):
+        sharded.check_layout(hsdp, {"type": "ddp"}, "ck")
+    with pytest.raises(Mismatch, match="DDP job and cannot be mapped onto this FSDP"):
+        sharded.check_layout({"type": "ddp"}, GRID_1D.to_manifest(), "ck")
+    with pytest.raises(Mismatch, match="mesh this version cannot read"):
+        sharded.check_layout(dict(hsdp, mesh_shape=[2, 2, 1]), hsdp, "ck")
+
+
+def test_multi_writer_commit_lists_and_verifies_every_file(tmp_path: Path) -> None:
+    store = storage.DirectoryStorage(tmp_path)
+    manifest = {"kind": "jit", "step": 3, "attempt": 0, "writer_rank": 1, "world_size": 4}
+    tmp = store.temporary(manifest)
+    assert store.temporary(manifest) == tmp  # every writer derives the same directory
+    (tmp / "__0_0.distcp").write_bytes(b"a" * 100)
+    (tmp / ".metadata").write_bytes(b"m" * 10)
+    path = store.commit(tmp, manifest, b"payload")
+    assert path.name == "step-000000003-jit-a0-r1" and not tmp.exists()
+    (candidate,) = store.candidates()
+    assert sorted(candidate.manifest["files"]) == [".metadata", "__0_0.distcp", "state.pt"]
+    store.verify_files(candidate)
+    (path / "__0_0.distcp").write_bytes(b"b" * 100)
+    with pytest.raises(CheckpointError, match="__0_0.distcp: checksum mismatch"):
+        store.verify_files(candidate)
+
+
+# -- drills ------------------------------------------------------------------------
+def fsdp_args(run_dir: Path, digest: Path, mesh: str = HSDP, steps: int = STEPS) -> list[str]:
+    return [
+        str(EXAMPLE_FSDP),
+        "--mesh", mesh,
+        "--steps", str(steps),
+        "--run-dir", str(run_dir),
+        "--digest", str(digest),
+        "--log-every", "1",
+        "--deterministic",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A failure-free HSDP run: its digest, and its run directory (with
+    periodic sharded checkpoints, for the layout test)."""
+    base = tmp_path_factory.mktemp("reference")
+    launch = jitckpt_run(*fsdp_args(base / "run", base / "digest"), "--save-every", "5")
+    assert launch.returncode == 0, show(launch)
+    return (base / "digest").read_text().strip(), base / "run"
+
+
+def check_recovered(
+    run_dir: Path, digest: Path, reference: str, launch: Launch, resumes: list[int], dead: list[int]
+) -> list[dict]:
+    """``dead``: the rank each failure kills (-1: none dies)."""
+    assert launch.returncode == 0, show(launch)
+    assert digest.read_text().strip() == reference, "final state differs from the failure-free run"
+    assert launch.resumed_steps() == resumes, show(launch)
+    events = read_events(run_dir)
+    failures = summarize(events)
+    assert [f["resumed_step"] for f in failures] == resumes, failures
+    for failure in failures:
+        assert failure["restored_kind"] == "jit", failure
+        assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure
+    saves = [e for e in events if e["event"] == "save" and e["kind"] == "jit"]
+    assert len(saves) == len(resumes)
+    for save, lost in zip(sorted(saves, key=lambda e: e["t"]), dead, strict=True):
+        # One rank per shard, not the dead one, and the state that was
+        # written is bitwise the state that was loaded.
+        assert len(save["writers"]) == 2 and lost not in save["writers"], save
+        restored = [e for e in events if e["event"] == "restore" and e["path"] == save["path"]]
+        assert restored and {e["digest"] for e in restored} == {save["digest"]}
+    return failures
+
+
+@pytest.mark.parametrize(
+    ("faults", "resumes", "dead"),
+    [
+        # forward of step 3 (rank 2) and allreduce of step 7 (rank 1): state before the step
+        (
+            ["kill@step=3,rank=2,phase=forward", "kill@step=7,rank=1,phase=allreduce"],
+            [3, 7],
+            [2, 1],
+        ),
+        # backward of step 3 (rank 3); optimizer of step 7 (rank 1): the others finish step 7
+        (
+            ["kill@step=3,rank=3,phase=backward", "kill@step=7,rank=1,phase=optimizer"],
+            [3, 8],
+            [3, 1],
+        ),
+    ],
+    ids=["forward+allreduce", "backward+optimizer"],
+)
+def test_hsdp_kill_in_phase_resumes_exactly(
+    tmp_path: Path,
+    reference: tuple[str, Path],
+    faults: list[str],
+    resumes: list[int],
+    dead: set[int],
+) -> None:
+    injections = [arg for fault in faults for arg in ("--inject", fault)]
+    launch = jitckpt_run(*injections, *fsdp_args(tmp_path / "run", tmp_path / "digest"))
+    check_recovered(tmp_path / "run", tmp_path / "digest", reference[0], launch, resumes, dead)
+
+
+def test_hsdp_hang_in_backward_resumes_exactly(tmp_path: Path, reference: tuple[str, Path]) -> None:
+    launch = jitckpt_run(
+        "--inject", "hang@step=3,rank=2,phase=backward",
+        *fsdp_args(tmp_path / "run", tmp_path / "digest"),
+    )  # fmt: skip
+    (failure,) = check_recovered(
+        tmp_path / "run", tmp_path / "digest", reference[0], launch, [3], [-1]
+    )
+    assert any(d["cause"] == "hang" for d in failure["detections"]), failure
+
+
+def test_fsdp_exception_saves_every_shard_and_kill_falls_back_to_periodic(
+    tmp_path: Path,
+) -> None:
+    """1-D FSDP. A rank raising before any collective broke leaves every rank
+    alive: all shards are saved (its peers, blocked in a healthy all-gather,
+    join through the store). A killed rank's shard exists nowhere else: the
+    job resumes from the periodic checkpoint and says so."""
+    run_dir = tmp_path / "run"
+    launch = jitckpt_run(
+        "--inject", "raise@step=2,rank=1,phase=forward",
+        "--inject", "kill@step=5,rank=2,phase=backward",
+        *fsdp_args(run_dir, tmp_path / "digest", mesh="shard=4", steps=7), "--save-every", "2",
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    assert launch.resumed_steps() == [2, 4], show(launch)
+    events = read_events(run_dir)
+    (jit,) = [e for e in events if e["event"] == "save" and e["kind"] == "jit"]
+    assert jit["step"] == 2 and jit["writers"] == [0, 1, 2, 3], jit
+    # In the worker's log when it happens, and in the launcher's summary.
+    assert "jit impossible: reason: no surviving replica of shard 2" in launch.output
+    assert "no surviving replica of shard 2; resuming from periodic checkpoint at step 4" in (
+        launch.output
+    ), show(launch)
+    first, second = summarize(events)
+    assert first["restored_kind"] == "jit" and first["iterations_lost"] == 1, first
+    assert second["restored_kind"] == "periodic", second
+
+
+def test_fsdp_preemption_saves_every_shard(tmp_path: Path) -> None:
+    """1-D FSDP, SIGTERM to every rank: all alive, so all shards are saved."""
+    run_dir, digest = tmp_path / "run", tmp_path / "digest"
+    args = fsdp_args(run_dir, digest, mesh="shard=4", steps=7)
+    first = jitckpt_run("--inject", "term@step=3,rank=1,phase=forward", *args)
+    assert first.returncode == EXIT_SAVED_AND_STOPPED, show(first)
+    (jit,) = [c for c in storage.run_storage(run_dir).candidates() if c.manifest["kind"] == "jit"]
+    assert jit.manifest["writer_ranks"] == [0, 1, 2, 3]
+    assert jit.manifest["layout"] == {
+        "type": "fsdp",
+        "mesh_shape": [4],
+        "mesh_dim_names": ["shard"],
+    }
+    second = jitckpt_run(*args)
+    assert second.returncode == 0, show(second)
+    assert second.resumed_steps() == [jit.step] and jit.step in (3, 4), show(second)
+    (failure,) = summarize(read_events(run_dir))
+    assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure
+
+
+def test_bad_mesh_is_refused_before_training(tmp_path: Path) -> None:
+    launch = jitckpt_run(
+        *fsdp_args(tmp_path / "run", tmp_path / "digest", mesh="replicate=2,shard=2"), nproc=2
+    )
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert "the mesh replicate=2,shard=2 has 4 ranks but this job has 2" in launch.output
+    assert "not restarting" in launch.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sharded_checkpoint_into_a_ddp_job_is_refused(
+    tmp_path: Path, reference: tuple[str, Path]
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[1], run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    launch = jitckpt_run(
+        str(EXAMPLE_DDP), "--steps", "12", "--run-dir", str(run_dir), "--deterministic", nproc=2
+    )
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert "was written by a HSDP (mesh (2, 2) ('replicate', 'shard')) job and cannot be mapped " \
+        "onto this DDP job" in launch.output, show(launch)  # fmt: skip
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_hsdp_shrinks_after_node_loss_and_grows_back(tmp_path: Path) -> None:
+    """Two agents of 2 ranks (one replica each); one node dies; the other
+    resumes at 1x2 from the JIT checkpoint its replica wrote. Then the job,
+    submitted again at 4 ranks, grows back to 2x2 from the 1x2 checkpoint."""
+    run_dir, digest = tmp_path / "run", tmp_path / "digest"
+    codes, text = two_nodes(
+        "node@step=2,rank=2,phase=forward",
+        *fsdp_args(run_dir, digest, mesh="replicate=-1,shard=2", steps=5),
+        "--save-every", "5",
+    )  # fmt: skip
+    assert codes == [-9, 0], text
+    events = read_events(run_dir)
+    (save,) = [e for e in events if e["event"] == "save" and e["kind"] == "jit"]
+    assert save["writers"] == [0, 1] and save["step"] == 2
+    manifest = json.loads((Path(save["path"]) / "manifest.json").read_text())
+    assert manifest["layout"]["mesh_shape"] == [2, 2]
+    restores = [e for e in events if e["event"] == "restore"]
+    assert restores and {e["saved_world_size"] for e in restores} == {4}
+    starts = [e for e in events if e["event"] == "start" and e["attempt"] == restores[0]["attempt"]]
+    assert {e["world_size"] for e in starts} == {2}
+    # The state loaded on the 1x2 mesh is bitwise the state the 2x2 mesh saved.
+    assert {e["digest"] for e in restores} == {save["digest"]}
+    assert digest.exists(), "training completed at world size 2"
+
+    # Grow: the periodic checkpoint of the final step, written at 1x2, loads
+    # onto 2x2, bitwise.
+    grown = jitckpt_run(
+        *fsdp_args(run_dir, tmp_path / "digest2", mesh="replicate=-1,shard=2", steps=6)
+    )
+    assert grown.returncode == 0 and grown.resumed_steps() == [5], show(grown)
+    events = read_events(run_dir)
+    (periodic,) = [e for e in events if e["event"] == "save" and e.get("step") == 5]
+    assert periodic["kind"] == "periodic" and periodic["writers"] == [0, 1]
+    regrown = [e for e in events if e["event"] == "restore" and e["path"] == periodic["path"]]
+    assert {e["saved_world_size"] for e in regrown} == {2} and len(regrown) == 4
+    assert {e["digest"] for e in regrown} == {periodic["digest"]}
