@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jobs import TINY, _pids_with_tag, jitckpt_run, kill_tagged, show
+from jobs import TAG_VAR, TINY, jitckpt_run, kill_tagged, show
 
-from jitckpt import warmpool
+from jitckpt import proctag, warmpool
 
 FALLBACK_LINE = "without the warm pool"
 # A worker's first line arrives within this many seconds (the module's
@@ -53,7 +53,7 @@ def pool(tag: str) -> Iterator[warmpool.WarmPool]:
             started.close()
     assert not os.path.exists(started.directory)
     assert started.process.returncode == 0
-    assert _pids_with_tag(tag) == [], "the pool left processes behind"
+    assert proctag.tagged_pids(TAG_VAR, tag) == [], "the pool left processes behind"
 
 
 @pytest.fixture
@@ -334,7 +334,7 @@ def test_zygote_exits_when_the_launcher_dies(script, tmp_path: Path) -> None:  #
         # Lifeline EOF: the zygote kills its worker and exits; the client,
         # orphaned like elastic's workers would be, mirrors the worker's death.
         assert wait_gone(zygote) and wait_gone(worker) and wait_gone(client)
-        assert _pids_with_tag(tag) == []
+        assert proctag.tagged_pids(TAG_VAR, tag) == []
         assert not os.path.exists(directory)  # the zygote removed its socket dir
     finally:
         kill_tagged(tag)
