@@ -235,14 +235,7 @@ class DirectoryStorage:
             point("tmp_created")
             size, crc = _write_file(tmp / PAYLOAD, body, on_point)
             point("payload_written")
-            full = dict(manifest, format=FORMAT, files={PAYLOAD: {"size": size, "crc32": crc}})
-            text = json.dumps(full, indent=1, sort_keys=True).encode()
-            _write_file(tmp / MANIFEST, _Bytes(text))
-            point("manifest_written")
-            _fsync_path(tmp)
-            if final.exists():  # the same step rewritten (a manual save twice)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            self._publish(tmp, final, manifest, {PAYLOAD: {"size": size, "crc32": crc}}, point)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
@@ -279,18 +272,30 @@ class DirectoryStorage:
                 if path.name in (PAYLOAD, MANIFEST) or not path.is_file():
                     continue
                 files[path.name] = {"size": path.stat().st_size, "crc32": _file_crc32(path)}
-            full = dict(manifest, format=FORMAT, files=files)
-            text = json.dumps(full, indent=1, sort_keys=True).encode()
-            _write_file(tmp / MANIFEST, _Bytes(text))
-            _fsync_path(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            self._publish(tmp, final, manifest, files, lambda _name: None)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
         _fsync_path(self.root)
         return final
+
+    @staticmethod
+    def _publish(
+        tmp: Path,
+        final: Path,
+        manifest: dict[str, Any],
+        files: dict[str, dict[str, Any]],
+        point: WritePointHook,
+    ) -> None:
+        """The end of every write: the manifest (file table added) last, the
+        directory fsynced, then renamed into place. Raises OSError."""
+        full = dict(manifest, format=FORMAT, files=files)
+        _write_file(tmp / MANIFEST, _Bytes(json.dumps(full, indent=1, sort_keys=True).encode()))
+        point("manifest_written")
+        _fsync_path(tmp)
+        if final.exists():  # the same step rewritten (a manual save twice)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
 
     def verify_files(self, candidate: Candidate) -> None:
         """Check size and checksum of every file the manifest lists (a
