@@ -11,14 +11,18 @@ import torch
 from jitckpt.state import unwrap
 
 
+def feed_tensor(hasher: Any, value: torch.Tensor) -> None:
+    """Hash a tensor's dtype, shape and bytes (on the host)."""
+    tensor = value.detach().cpu().contiguous()
+    hasher.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+    if tensor.numel():
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def _feed(hasher: Any, name: str, value: Any) -> None:
     hasher.update(name.encode())
     if isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu().contiguous()
-        hasher.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
-        hasher.update(
-            tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        )
+        feed_tensor(hasher, value)
     elif isinstance(value, dict):
         for key in sorted(value, key=str):
             _feed(hasher, f"{name}.{key}", value[key])

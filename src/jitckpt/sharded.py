@@ -44,6 +44,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
+from jitckpt.digest import feed_tensor
 from jitckpt.errors import CheckpointMismatchError, JitckptError, exit_fatal
 from jitckpt.watchdog import FAILURE_KEY, read_suspects
 
@@ -367,10 +368,8 @@ def _flat(state: dict[str, Any]) -> dict[str, Any]:
 def _hash(tensors: dict[str, torch.Tensor]) -> str:
     hasher = hashlib.sha256()
     for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
-        hasher.update(key.encode() + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
-        if tensor.numel():
-            hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hasher.update(key.encode())
+        feed_tensor(hasher, tensors[key])
     return hasher.hexdigest()
 
 
