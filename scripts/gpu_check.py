@@ -63,8 +63,8 @@ def host_copy(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 
 def saved_tensors(path: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    from jitckpt.state import decode
-    from jitckpt.storage import DirectoryStorage
+    from jitckpt.state.training import decode
+    from jitckpt.storage.directory import DirectoryStorage
 
     storage = DirectoryStorage(path.parent)
     candidate = storage.find(path.name)
@@ -84,7 +84,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def capture_while_blocked(where: str, mode: str, workdir: Path) -> None:
     import jitckpt
-    from jitckpt.gpu import COPY_MODE_ENV
+    from jitckpt.checkpoint.gpu import COPY_MODE_ENV
 
     os.environ[COPY_MODE_ENV] = mode
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from jitckpt import proctag
+from jitckpt.testing import proctag
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jitckpt import storage
-from jitckpt.archive import Archive
+from jitckpt.state.archive import Archive
+from jitckpt.storage import directory as storage
 
 PAYLOAD_OLD = os.urandom(1 << 20)
 PAYLOAD_NEW = os.urandom(3 << 20)

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from jobs import REPO, Launch, jitckpt_run, show, two_nodes
 
-from jitckpt import sharded, storage
+from jitckpt.analysis.summary import summarize
 from jitckpt.errors import EXIT_FATAL, EXIT_SAVED_AND_STOPPED, CheckpointError
 from jitckpt.errors import CheckpointMismatchError as Mismatch
 from jitckpt.events import read_events
-from jitckpt.summary import summarize
+from jitckpt.state import mesh as sharded
+from jitckpt.storage import directory as storage
 
 EXAMPLE_FSDP = REPO / "examples" / "train_gpt_fsdp.py"
 EXAMPLE_DDP = REPO / "examples" / "train_gpt.py"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from jobs import EXAMPLE, TINY, Launch, jitckpt_run, show
 
+from jitckpt.analysis.summary import summarize, summarize_in_process
 from jitckpt.events import read_events
-from jitckpt.summary import summarize, summarize_in_process
 
 STEPS = 12
 FAIL_STEP = 6

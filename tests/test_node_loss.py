@@ -10,8 +10,8 @@ from pathlib import Path
 
 from jobs import TINY, two_nodes
 
+from jitckpt.analysis.summary import summarize
 from jitckpt.events import read_events
-from jitckpt.summary import summarize
 
 
 def test_node_loss_resumes_at_smaller_world_with_exact_data_position(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from jobs import TINY, jitckpt_run, show
 
-from jitckpt.report import main
-from jitckpt.timeline import build
+from jitckpt.analysis.report import main
+from jitckpt.analysis.timeline import build
 
 STEPS = 8
 FAIL_STEP = 4

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jitckpt import montecarlo
-from jitckpt.costmodel import ClusterInputs, exact_waste, first_order_waste, strategies
-from jitckpt.simulate import main
+from jitckpt.analysis import montecarlo
+from jitckpt.analysis.costmodel import ClusterInputs, exact_waste, first_order_waste, strategies
+from jitckpt.analysis.simulate import main
 
 HOURS = 1000.0
 

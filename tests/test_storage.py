@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from jobs import EXAMPLE, TINY, jitckpt_run, run_tagged, show
 
-from jitckpt import storage
 from jitckpt.events import read_events
+from jitckpt.storage import directory as storage
 
 
 def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:

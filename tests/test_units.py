@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from jitckpt import storage
+from jitckpt.analysis.summary import summarize
 from jitckpt.errors import CheckpointError, FaultSpecError
 from jitckpt.inject import FaultSpec, parse_spec, parse_specs
-from jitckpt.summary import summarize
+from jitckpt.storage import directory as storage
 from jitckpt.tracker import StepTracker
 
 

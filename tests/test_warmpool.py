@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from jobs import TAG_VAR, TINY, jitckpt_run, kill_tagged, show
 
-from jitckpt import proctag, warmpool
+from jitckpt.launch import warmpool
+from jitckpt.testing import proctag
 
 FALLBACK_LINE = "without the warm pool"
 # A worker's first line arrives within this many seconds (the module's
@@ -132,7 +133,7 @@ def test_worker_gets_the_clients_stdio_env_cwd_and_argv(
     path = script(
         """
         import json, os, sys
-        from jitckpt import signals
+        from jitckpt.detect import signals
         line = sys.stdin.readline()
         print("stderr line", file=sys.stderr)
         umask = os.umask(0)
@@ -197,7 +198,7 @@ def test_sigterm_to_the_client_reaches_the_worker(
     path = script(
         """
         import os, sys, time
-        from jitckpt import signals
+        from jitckpt.detect import signals
         def on_term(signum):
             print("worker got", signum, flush=True)
             os._exit(42)
@@ -222,7 +223,7 @@ def test_killing_the_client_kills_the_worker(
     path = script(
         """
         import os, time
-        from jitckpt import signals
+        from jitckpt.detect import signals
         signals.set_callback(lambda signum: None)  # ignores SIGTERM, like a wedged rank
         print(os.getpid(), flush=True)
         time.sleep(60)
@@ -241,7 +242,7 @@ def test_fallback_without_a_zygote(script, tmp_path: Path) -> None:  # type: ign
     path = script(
         """
         import sys
-        from jitckpt import signals
+        from jitckpt.detect import signals
         print("cold", signals.mechanism(), sys.argv[1:], flush=True)
         raise SystemExit(5)
         """
@@ -282,7 +283,7 @@ def test_the_client_imports_no_torch(pool: warmpool.WarmPool, script) -> None:  
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()]
     assert "jitckpt" in imported and "socket" in imported  # (warmpool itself runs as __main__)
     heavy = [name for name in imported if name.split(".")[0] in ("torch", "numpy", "torchdata")]
-    assert heavy == [] and "jitckpt.checkpoint" not in imported
+    assert heavy == [] and "jitckpt.checkpoint.jit_checkpoint" not in imported
 
 
 def test_many_concurrent_workers(pool: warmpool.WarmPool, script) -> None:  # type: ignore[no-untyped-def]
@@ -310,7 +311,7 @@ def test_zygote_exits_when_the_launcher_dies(script, tmp_path: Path) -> None:  #
     launcher = textwrap.dedent(
         f"""
         import subprocess, sys, time
-        from jitckpt import warmpool
+        from jitckpt.launch import warmpool
         pool = warmpool.start_pool()
         client = subprocess.Popen(
             [sys.executable, *pool.client_args([{str(worker_script)!r}])],
@@ -370,6 +371,6 @@ def test_launcher_flag_chooses_how_workers_start(
     )
     launch = jitckpt_run(*flag, str(path), nproc=1, timeout=120)
     assert launch.returncode == 0, show(launch)
-    expected = "jitckpt.bootstrap" if flag else "jitckpt.warmpool"
+    expected = "jitckpt.launch.bootstrap" if flag else "jitckpt.launch.warmpool"
     assert f"'-m', '{expected}'" in launch.output, show(launch)
     assert FALLBACK_LINE not in launch.output

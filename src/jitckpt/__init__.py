@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from jitckpt._version import __version__
 
 __all__ = [
     "JitCheckpoint",
@@ -29,23 +29,23 @@ __all__ = [
 ]
 
 _LAZY = {
-    "JitCheckpoint": "jitckpt.checkpoint",
-    "ElasticDistributedSampler": "jitckpt.data",
+    "JitCheckpoint": "jitckpt.checkpoint.jit_checkpoint",
+    "ElasticDistributedSampler": "jitckpt.state.data",
     "init_process_group": "jitckpt.distributed",
-    "init_device_mesh": "jitckpt.sharded",
-    "state_digest": "jitckpt.digest",
+    "init_device_mesh": "jitckpt.state.mesh",
+    "state_digest": "jitckpt.state.digest",
     "CheckpointError": "jitckpt.errors",
     "CheckpointMismatchError": "jitckpt.errors",
     "RunDirError": "jitckpt.errors",
 }
 
 if TYPE_CHECKING:
-    from jitckpt.checkpoint import JitCheckpoint
-    from jitckpt.data import ElasticDistributedSampler
-    from jitckpt.digest import state_digest
+    from jitckpt.checkpoint.jit_checkpoint import JitCheckpoint
     from jitckpt.distributed import init_process_group
     from jitckpt.errors import CheckpointError, CheckpointMismatchError, RunDirError
-    from jitckpt.sharded import init_device_mesh
+    from jitckpt.state.data import ElasticDistributedSampler
+    from jitckpt.state.digest import state_digest
+    from jitckpt.state.mesh import init_device_mesh
 
 
 def __getattr__(name: str) -> Any:

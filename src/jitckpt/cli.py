@@ -21,19 +21,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "run":
-        from jitckpt.launcher import run
+        from jitckpt.launch.launcher import run
 
         return run(rest)
     if command == "inspect":
-        from jitckpt.inspect import main as inspect_main
+        from jitckpt.analysis.inspect import main as inspect_main
 
         return inspect_main(rest)
     if command == "report":
-        from jitckpt.report import main as report_main
+        from jitckpt.analysis.report import main as report_main
 
         return report_main(rest)
     if command == "simulate":
-        from jitckpt.simulate import main as simulate_main
+        from jitckpt.analysis.simulate import main as simulate_main
 
         return simulate_main(rest)
     print(f"jitckpt: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")

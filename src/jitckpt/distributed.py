@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from jitckpt import signals
+from jitckpt.detect import signals
 
 # How long a worker waits to reach the agent's store. The store is already up
 # when the agent starts workers, so this only bounds a misconfiguration.
@@ -76,7 +76,8 @@ def init_process_group(
         # optimizer) before its peers are ready to meet it: a group with no
         # communication (jitckpt.detached) lets DDP's constructor run
         # locally. JitCheckpoint then joins the job's group (jitckpt.inprocess).
-        from jitckpt import detached, inprocess
+        from jitckpt.inprocess import detached
+        from jitckpt.inprocess import recovery as inprocess
 
         detached.register()
         if role() == "spare":

@@ -159,7 +159,7 @@ def preempt_job() -> None:
 
 def hang_forever() -> None:
     """Stop making progress like a wedged rank: no exit, SIGTERM ignored."""
-    from jitckpt import signals
+    from jitckpt.detect import signals
 
     signals.set_callback(lambda signum: None)
     while True:

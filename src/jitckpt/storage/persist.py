@@ -16,7 +16,7 @@ from pathlib import Path
 
 from jitckpt.errors import JitckptError
 from jitckpt.events import EventLog
-from jitckpt.storage import DirectoryStorage, read_manifest
+from jitckpt.storage.directory import DirectoryStorage, read_manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,7 @@ PRELOAD_MODULES = (
     "torch._dynamo",
     "torchdata.stateful_dataloader",
     "numpy",
-    "jitckpt.checkpoint",
+    "jitckpt.checkpoint.jit_checkpoint",
 )
 # How long a client waits for the zygote to answer its request. The first
 # workers of a launch connect while the zygote is still importing torch
@@ -154,7 +154,7 @@ class WarmPool:
     def client_args(worker_args: list[str]) -> list[str]:
         """Interpreter arguments that run ``worker_args`` (``SCRIPT ARGS...`` or
         ``--module MOD ARGS...``, as for jitckpt.bootstrap) through the pool."""
-        return ["-u", "-m", "jitckpt.warmpool", "client", *worker_args]
+        return ["-u", "-m", "jitckpt.launch.warmpool", "client", *worker_args]
 
     def close(self) -> None:
         """Stop the zygote (it kills any worker left) and remove its socket."""
@@ -195,7 +195,7 @@ def start_pool() -> WarmPool | None:
                 sys.executable,
                 "-u",
                 "-m",
-                "jitckpt.warmpool",
+                "jitckpt.launch.warmpool",
                 "serve",
                 str(listener.fileno()),
                 str(lifeline_r),
@@ -555,7 +555,8 @@ def _preload() -> dict[str, str]:
 
 def serve_main(argv: list[str]) -> None:
     """``serve LISTEN_FD LIFELINE_FD``: the zygote's main program."""
-    from jitckpt import bootstrap, signals
+    from jitckpt.detect import signals
+    from jitckpt.launch import bootstrap
 
     listen_fd, lifeline_fd = (int(a) for a in argv)
     # Before any import that may start threads: they inherit this mask, and
@@ -708,7 +709,7 @@ def _fall_back(argv: list[str], reason: str, forwarder: _Forwarder | None) -> No
             # Told to stop before any worker existed: do what the signal asks.
             _die_by_signal(forwarder.pending[0])
     _say(f"{reason}; starting this worker without the warm pool")
-    os.execv(sys.executable, [sys.executable, "-u", "-m", "jitckpt.bootstrap", *argv])
+    os.execv(sys.executable, [sys.executable, "-u", "-m", "jitckpt.launch.bootstrap", *argv])
 
 
 def client_main(argv: list[str]) -> NoReturn:

@@ -14,7 +14,7 @@ import os
 import runpy
 import sys
 
-from jitckpt import signals
+from jitckpt.detect import signals
 
 
 def main(argv: list[str]) -> None:

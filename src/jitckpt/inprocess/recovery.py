@@ -44,7 +44,7 @@ import torch.distributed as dist
 from jitckpt import distributed
 from jitckpt.comm import NOTICE_TIMEOUT_S
 from jitckpt.events import EventLog
-from jitckpt.state import TrainingState, decode
+from jitckpt.state.training import TrainingState, decode
 from jitckpt.tracker import StepTracker
 
 # Set by `jitckpt run` when in-process recovery is on (see the launcher).
@@ -74,7 +74,7 @@ NO_STATE = -1
 
 def placeholder_group() -> dist.ProcessGroup:
     """A one-rank group that never communicates (jitckpt.detached)."""
-    from jitckpt.detached import DetachedGroup
+    from jitckpt.inprocess.detached import DetachedGroup
 
     return DetachedGroup(0, 1)
 

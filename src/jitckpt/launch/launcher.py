@@ -31,7 +31,7 @@ from jitckpt.inject import ENV_VAR as INJECT_ENV
 from jitckpt.inject import KINDS as INJECT_KINDS
 from jitckpt.inject import PHASES as INJECT_PHASES
 from jitckpt.inject import parse_spec
-from jitckpt.warmpool import start_pool
+from jitckpt.launch.warmpool import start_pool
 
 # Restarts allowed by default: torchrun's default is 0, which turns the first
 # failure into the end of the job. Each failure costs one restart.
@@ -128,7 +128,7 @@ def run(argv: list[str]) -> int:
         rest = cmd_args[1:]
         if rest[:1] == ["-m"]:
             rest = ["--module", *rest[1:]]
-        entry_args = ["-u", "-m", "jitckpt.bootstrap", *rest]
+        entry_args = ["-u", "-m", "jitckpt.launch.bootstrap", *rest]
 
     control_dir = Path(tempfile.mkdtemp(prefix="jitckpt-control-"))
     os.environ["JITCKPT_CONTROL_DIR"] = str(control_dir)
@@ -176,8 +176,8 @@ def _launch(  # type: ignore[no-untyped-def]
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
     from torch.distributed.launcher.api import _get_addr_and_port
 
-    from jitckpt.agent import JitAgent
-    from jitckpt.summary import print_summary
+    from jitckpt.analysis.summary import print_summary
+    from jitckpt.launch.agent import JitAgent
 
     if not config.run_id:
         config.run_id = str(uuid.uuid4().int)

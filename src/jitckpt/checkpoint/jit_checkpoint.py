@@ -26,11 +26,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jitckpt import __version__, distributed, inprocess, rng, sharded, signals, storage
-from jitckpt.archive import Archive
+from jitckpt import distributed
+from jitckpt._version import __version__
+from jitckpt.checkpoint.gpu import DeviceSteps, SideStreamCopy, on_cuda
+from jitckpt.checkpoint.periodic import PeriodicSaver
 from jitckpt.comm import CanonicalAllreduce, observed_allreduce_hook
-from jitckpt.data import DataPosition
-from jitckpt.digest import state_digest
+from jitckpt.detect import signals
+from jitckpt.detect.watchdog import Heartbeat, Watchdog, read_suspects
 from jitckpt.errors import (
     EXIT_SAVED_AND_STOPPED,
     CheckpointError,
@@ -42,15 +44,19 @@ from jitckpt.errors import (
     exit_fatal,
 )
 from jitckpt.events import EventLog
-from jitckpt.gpu import DeviceSteps, SideStreamCopy, on_cuda
 from jitckpt.inject import ENV_VAR as INJECT_ENV
 from jitckpt.inject import Injector, parse_specs
-from jitckpt.periodic import PeriodicSaver
-from jitckpt.rundir import prepare_run_dir, run_id
-from jitckpt.staging import Staging, resolve_stage_dir
-from jitckpt.state import Stateful, TrainingState, check_signature, decode, model_signature
+from jitckpt.inprocess import recovery as inprocess
+from jitckpt.state import mesh as sharded
+from jitckpt.state import rng
+from jitckpt.state.archive import Archive
+from jitckpt.state.data import DataPosition
+from jitckpt.state.digest import state_digest
+from jitckpt.state.training import Stateful, TrainingState, check_signature, decode, model_signature
+from jitckpt.storage import directory as storage
+from jitckpt.storage.rundir import prepare_run_dir, run_id
+from jitckpt.storage.staging import Staging, resolve_stage_dir
 from jitckpt.tracker import Position, StepTracker
-from jitckpt.watchdog import Heartbeat, Watchdog, read_suspects
 
 # How long a saver waits for the loop to leave its dirty window (optimizer
 # step .. next step boundary) before giving up on this rank's copy. The

@@ -37,9 +37,10 @@ from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, W
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from jitckpt import distributed, inprocess
+from jitckpt import distributed
 from jitckpt.events import EventLog
-from jitckpt.workers import WorkerProcesses
+from jitckpt.inprocess import recovery as inprocess
+from jitckpt.launch.workers import WorkerProcesses
 
 
 def worker_group_run_id(agent: LocalElasticAgent) -> str | None:

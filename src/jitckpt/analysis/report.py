@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jitckpt.analysis.plotting import PlotUnavailable, pyplot
+from jitckpt.analysis.summary import format_summary, summarize_in_process
+from jitckpt.analysis.timeline import PHASES, build
 from jitckpt.events import EVENTS_FILE, read_events
-from jitckpt.plotting import PlotUnavailable, pyplot
-from jitckpt.summary import format_summary, summarize_in_process
-from jitckpt.timeline import PHASES, build
 
 PHASE_COLOURS = {
     "startup": "#9e9e9e",

@@ -15,17 +15,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from jitckpt import montecarlo
-from jitckpt.costmodel import (
+from jitckpt.analysis import montecarlo
+from jitckpt.analysis.costmodel import (
     HOUR_S,
     ClusterInputs,
     exact_waste,
     first_order_waste,
     strategies,
 )
+from jitckpt.analysis.plotting import PlotUnavailable, pyplot
+from jitckpt.analysis.summary import summarize
 from jitckpt.events import EVENTS_FILE, read_events
-from jitckpt.plotting import PlotUnavailable, pyplot
-from jitckpt.summary import summarize
 
 # Defaults: a Llama-3-405B-scale job (docs/cost-model.md says where each
 # number comes from). Failure rate: 419 unexpected interruptions in 54 days

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from jitckpt.state import unwrap
+from jitckpt.state.training import unwrap
 
 
 def feed_tensor(hasher: Any, value: torch.Tensor) -> None:
@@ -37,7 +37,7 @@ def state_digest(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> st
     """For a model sharded with fully_shard the digest covers the whole
     state, gathered from the shards: every rank must call it (a collective),
     and every rank gets the same digest, whatever the mesh."""
-    from jitckpt import sharded
+    from jitckpt.state import mesh as sharded
 
     if sharded.layout_of(model) is not None:
         return sharded.full_digest(model, optimizer)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from jitckpt.errors import RunDirError
-from jitckpt.storage import CHECKPOINTS_DIR, DirectoryStorage
+from jitckpt.storage.directory import CHECKPOINTS_DIR, DirectoryStorage
 
 STAGE_ENV = "JITCKPT_STAGE_DIR"
 
@@ -61,7 +61,7 @@ class Staging:
             [
                 sys.executable,
                 "-m",
-                "jitckpt.persist",
+                "jitckpt.storage.persist",
                 str(staged),
                 str(self.durable.root),
                 str(self.run_dir),

@@ -17,7 +17,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from jitckpt.costmodel import ClusterInputs, Strategy
+from jitckpt.analysis.costmodel import ClusterInputs, Strategy
 
 # Failures drawn per strategy by default: the waste is a sum over failures,
 # so its relative standard error falls as 1/sqrt(failures); 20,000 keeps it

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from jitckpt.archive import Archive
-from jitckpt.state import clone_tensors
-from jitckpt.storage import Storage
+from jitckpt.state.archive import Archive
+from jitckpt.state.training import clone_tensors
+from jitckpt.storage.directory import Storage
 
 
 class ReusedBuffers:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jitckpt import storage
 from jitckpt.errors import CheckpointError
+from jitckpt.storage import directory as storage
 
 
 def main(argv: list[str]) -> int:

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
-from jitckpt import archive, rng
-from jitckpt.archive import Archive
 from jitckpt.errors import CheckpointError, CheckpointMismatchError
+from jitckpt.state import archive, rng
+from jitckpt.state.archive import Archive
 
 
 class Stateful(Protocol):

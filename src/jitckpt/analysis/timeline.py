@@ -31,7 +31,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from jitckpt.summary import attempt_groups, summarize
+from jitckpt.analysis.summary import attempt_groups, summarize
 
 PHASES = (
     "startup",

@@ -44,9 +44,9 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from jitckpt.digest import feed_tensor
+from jitckpt.detect.watchdog import FAILURE_KEY, read_suspects
 from jitckpt.errors import CheckpointMismatchError, JitckptError, exit_fatal
-from jitckpt.watchdog import FAILURE_KEY, read_suspects
+from jitckpt.state.digest import feed_tensor
 
 # The longest the deciding rank collects the survivors' reports before it
 # chooses the writers. It stops as soon as every rank has posted or is dead

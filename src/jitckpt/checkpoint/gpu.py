@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from jitckpt.state import TrainingState, clone_tensors
+from jitckpt.state.training import TrainingState, clone_tensors
 
 
 def on_cuda(model: torch.nn.Module) -> bool:
