@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from jobs import TINY, jitckpt_run, run_tagged, show
 
-from jitckpt.errors import EXIT_FATAL
-from jitckpt.storage.directory import PAYLOAD, checkpoints_dir
+from jitckpt.protocol import EXIT_FATAL
+from jitckpt.storage import PAYLOAD, checkpoints_dir
 
 
 def tiny(run_dir: Path, *args: str):  # type: ignore[no-untyped-def]

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from jitckpt import storage
 from jitckpt.state.archive import Archive
-from jitckpt.storage import directory as storage
 
 PAYLOAD_OLD = os.urandom(1 << 20)
 PAYLOAD_NEW = os.urandom(3 << 20)
 
 
-def manifest(step: int) -> dict:
-    return {"kind": "jit", "step": step, "world_size": 4, "writer_rank": 0, "attempt": 0}
+def manifest(step: int) -> storage.Manifest:
+    return storage.Manifest(kind="jit", step=step, world_size=4, writer_rank=0, attempt=0)
 
 
 def newest_valid(run_dir: Path) -> tuple[int, bytes] | None:

@@ -17,8 +17,8 @@ import pytest
 from jobs import EXAMPLE, Launch, jitckpt_run, kill_tagged, show
 
 from jitckpt.analysis.summary import summarize
-from jitckpt.errors import EXIT_SAVED_AND_STOPPED
 from jitckpt.events import read_events
+from jitckpt.protocol import EXIT_SAVED_AND_STOPPED
 
 STEPS = 12
 FAIL_STEP = 6

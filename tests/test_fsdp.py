@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 from jobs import REPO, Launch, jitckpt_run, show, two_nodes
 
+from jitckpt import storage
 from jitckpt.analysis.summary import summarize
-from jitckpt.errors import EXIT_FATAL, EXIT_SAVED_AND_STOPPED, CheckpointError
+from jitckpt.checkpoint.writers import choose_writers
+from jitckpt.errors import CheckpointError
 from jitckpt.errors import CheckpointMismatchError as Mismatch
 from jitckpt.events import read_events
-from jitckpt.state import mesh as sharded
-from jitckpt.storage import directory as storage
+from jitckpt.protocol import EXIT_FATAL, EXIT_SAVED_AND_STOPPED
+from jitckpt.state.mesh import MeshLayout, check_layout
 
 EXAMPLE_FSDP = REPO / "examples" / "train_gpt_fsdp.py"
 EXAMPLE_DDP = REPO / "examples" / "train_gpt.py"
@@ -29,34 +31,34 @@ STEPS = 10
 HSDP = "replicate=2,shard=2"
 
 # -- units: who writes, what maps ------------------------------------------------
-GRID_2X2 = sharded.MeshLayout(((0, 1), (2, 3)), ("replicate", "shard"))
-GRID_1D = sharded.MeshLayout(((0, 1, 2, 3),), ("shard",))
+GRID_2X2 = MeshLayout(((0, 1), (2, 3)), ("replicate", "shard"))
+GRID_1D = MeshLayout(((0, 1, 2, 3),), ("shard",))
 
 
 def test_writers_one_intact_replica_preferred() -> None:
-    decision = sharded.choose_writers(GRID_2X2, {0: 6, 1: 6, 2: 6})
+    decision = choose_writers(GRID_2X2, {0: 6, 1: 6, 2: 6})
     assert (decision.step, decision.writers) == (6, [0, 1])
 
 
 def test_writers_mix_replicas_when_no_replica_is_whole() -> None:
     # Rank 1 (replica 0, shard 1) and rank 2 (replica 1, shard 0) are gone.
-    decision = sharded.choose_writers(GRID_2X2, {0: 6, 3: 6})
+    decision = choose_writers(GRID_2X2, {0: 6, 3: 6})
     assert (decision.step, decision.writers) == (6, [0, 3])
 
 
 def test_writers_take_the_newest_step_every_shard_has() -> None:
-    decision = sharded.choose_writers(GRID_2X2, {0: 7, 1: 7, 2: 6, 3: 6})
+    decision = choose_writers(GRID_2X2, {0: 7, 1: 7, 2: 6, 3: 6})
     assert (decision.step, decision.writers) == (7, [0, 1])
 
 
 def test_lost_shard_is_named() -> None:
-    decision = sharded.choose_writers(GRID_1D, {0: 5, 1: 5, 3: 5})
+    decision = choose_writers(GRID_1D, {0: 5, 1: 5, 3: 5})
     assert decision.step is None and decision.lost_shard == 2
     assert decision.reason == "no surviving replica of shard 2"
 
 
 def test_shards_at_different_steps_cannot_be_combined() -> None:
-    decision = sharded.choose_writers(GRID_2X2, {0: 6, 1: 7, 3: 7})
+    decision = choose_writers(GRID_2X2, {0: 6, 1: 7, 3: 7})
     assert decision.step is None and decision.lost_shard is None
     assert "different steps" in str(decision.reason)
 
@@ -64,19 +66,19 @@ def test_shards_at_different_steps_cannot_be_combined() -> None:
 def test_layouts_that_map_and_that_do_not() -> None:
     hsdp = GRID_2X2.to_manifest()
     assert hsdp == {"type": "hsdp", "mesh_shape": [2, 2], "mesh_dim_names": ["replicate", "shard"]}
-    sharded.check_layout(hsdp, GRID_1D.to_manifest(), "ck")  # resharding
-    sharded.check_layout({"type": "ddp"}, {"type": "ddp"}, "ck")
+    check_layout(hsdp, GRID_1D.to_manifest(), "ck")  # resharding
+    check_layout({"type": "ddp"}, {"type": "ddp"}, "ck")
     with pytest.raises(Mismatch, match="HSDP .* cannot be mapped onto this DDP job"):
-        sharded.check_layout(hsdp, {"type": "ddp"}, "ck")
+        check_layout(hsdp, {"type": "ddp"}, "ck")
     with pytest.raises(Mismatch, match="DDP job and cannot be mapped onto this FSDP"):
-        sharded.check_layout({"type": "ddp"}, GRID_1D.to_manifest(), "ck")
+        check_layout({"type": "ddp"}, GRID_1D.to_manifest(), "ck")
     with pytest.raises(Mismatch, match="mesh this version cannot read"):
-        sharded.check_layout(dict(hsdp, mesh_shape=[2, 2, 1]), hsdp, "ck")
+        check_layout(dict(hsdp, mesh_shape=[2, 2, 1]), hsdp, "ck")
 
 
 def test_multi_writer_commit_lists_and_verifies_every_file(tmp_path: Path) -> None:
     store = storage.DirectoryStorage(tmp_path)
-    manifest = {"kind": "jit", "step": 3, "attempt": 0, "writer_rank": 1, "world_size": 4}
+    manifest = storage.Manifest(kind="jit", step=3, attempt=0, writer_rank=1, world_size=4)
     tmp = store.temporary(manifest)
     assert store.temporary(manifest) == tmp  # every writer derives the same directory
     (tmp / "__0_0.distcp").write_bytes(b"a" * 100)
@@ -84,7 +86,7 @@ def test_multi_writer_commit_lists_and_verifies_every_file(tmp_path: Path) -> No
     path = store.commit(tmp, manifest, b"payload")
     assert path.name == "step-000000003-jit-a0-r1" and not tmp.exists()
     (candidate,) = store.candidates()
-    assert sorted(candidate.manifest["files"]) == [".metadata", "__0_0.distcp", "state.pt"]
+    assert sorted(candidate.manifest.files) == [".metadata", "__0_0.distcp", "state.pt"]
     store.verify_files(candidate)
     (path / "__0_0.distcp").write_bytes(b"b" * 100)
     with pytest.raises(CheckpointError, match="__0_0.distcp: checksum mismatch"):
@@ -213,9 +215,9 @@ def test_fsdp_preemption_saves_every_shard(tmp_path: Path) -> None:
     args = fsdp_args(run_dir, digest, mesh="shard=4", steps=7)
     first = jitckpt_run("--inject", "term@step=3,rank=1,phase=forward", *args)
     assert first.returncode == EXIT_SAVED_AND_STOPPED, show(first)
-    (jit,) = [c for c in storage.run_storage(run_dir).candidates() if c.manifest["kind"] == "jit"]
-    assert jit.manifest["writer_ranks"] == [0, 1, 2, 3]
-    assert jit.manifest["layout"] == {
+    (jit,) = [c for c in storage.run_storage(run_dir).candidates() if c.manifest.kind == "jit"]
+    assert jit.manifest.writer_ranks == [0, 1, 2, 3]
+    assert jit.manifest.layout == {
         "type": "fsdp",
         "mesh_shape": [4],
         "mesh_dim_names": ["shard"],

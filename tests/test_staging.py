@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from jobs import TINY, jitckpt_run, show
 
-from jitckpt.errors import EXIT_SAVED_AND_STOPPED
 from jitckpt.events import read_events
+from jitckpt.protocol import EXIT_SAVED_AND_STOPPED
 
 SHM = Path("/dev/shm")
 

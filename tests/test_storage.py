@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from jobs import EXAMPLE, TINY, jitckpt_run, run_tagged, show
 
+from jitckpt import storage
 from jitckpt.events import read_events
-from jitckpt.storage import directory as storage
 
 
 def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
@@ -40,11 +40,11 @@ def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
     assert first.returncode != 0, show(first)
     kinds: dict[str, int] = {}
     for c in storage.run_storage(run_dir).candidates():
-        kinds[c.manifest["kind"]] = max(kinds.get(c.manifest["kind"], -1), c.step)
+        kinds[c.manifest.kind] = max(kinds.get(c.manifest.kind, -1), c.step)
     assert kinds.get("jit") == 25 and kinds.get("periodic") == 20, kinds
     # JIT could not help (simulated: its checkpoints are gone).
     for candidate in storage.run_storage(run_dir).candidates():
-        if candidate.manifest and candidate.manifest["kind"] == "jit":
+        if candidate.manifest and candidate.manifest.kind == "jit":
             shutil.rmtree(candidate.path)
     second = jitckpt_run(*args(run_dir, tmp_path / "digest"))
     assert second.returncode == 0, show(second)
@@ -57,20 +57,18 @@ def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
     assert all(e["rank"] == 0 for e in periodic), "replicas are identical: rank 0 writes alone"
     # Retention keeps the two newest periodic steps.
     assert sorted(
-        c.step
-        for c in storage.run_storage(run_dir).candidates()
-        if c.manifest["kind"] == "periodic"
+        c.step for c in storage.run_storage(run_dir).candidates() if c.manifest.kind == "periodic"
     ) == [40, 60]
 
 
 def test_inspect_lists_valid_and_invalid_checkpoints(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     good = storage.run_storage(run_dir).write(
-        {"kind": "jit", "step": 3, "world_size": 4, "writer_rank": 1, "attempt": 0},
+        storage.Manifest(kind="jit", step=3, world_size=4, writer_rank=1, attempt=0),
         b"x" * 100,
     )
     bad = storage.run_storage(run_dir).write(
-        {"kind": "periodic", "step": 5, "world_size": 4, "writer_rank": 0, "attempt": 0},
+        storage.Manifest(kind="periodic", step=5, world_size=4, writer_rank=0, attempt=0),
         b"y" * 100,
     )
     (bad / storage.PAYLOAD).write_bytes(b"y" * 50)

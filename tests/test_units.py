@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from jitckpt import storage
 from jitckpt.analysis.summary import summarize
 from jitckpt.errors import CheckpointError, FaultSpecError
 from jitckpt.inject import FaultSpec, parse_spec, parse_specs
-from jitckpt.storage import directory as storage
 from jitckpt.tracker import StepTracker
 
 
@@ -37,8 +37,8 @@ def test_parse_spec_rejects(bad: str) -> None:
         parse_spec(bad)
 
 
-def manifest(step: int, rank: int = 0) -> dict:
-    return {"kind": "jit", "step": step, "world_size": 1, "writer_rank": rank, "attempt": 0}
+def manifest(step: int, rank: int = 0) -> storage.Manifest:
+    return storage.Manifest(kind="jit", step=step, world_size=1, writer_rank=rank, attempt=0)
 
 
 def test_write_is_atomic_and_verified(tmp_path: Path) -> None:
@@ -46,9 +46,7 @@ def test_write_is_atomic_and_verified(tmp_path: Path) -> None:
     assert path.name == "step-000000003-jit-a0-r0"
     store = storage.run_storage(tmp_path)
     found = store.find(path.name)
-    assert found is not None and found.manifest["files"]["state.pt"]["size"] == len(
-        b"payload-bytes"
-    )
+    assert found is not None and found.manifest.files["state.pt"].size == len(b"payload-bytes")
     assert store.read_verified(found) == b"payload-bytes"
     assert not list(storage.checkpoints_dir(tmp_path).glob(".tmp-*"))
 
@@ -91,7 +89,7 @@ def test_newest_step_wins_then_lowest_rank(tmp_path: Path) -> None:
     for step, rank in [(4, 3), (5, 2), (5, 1), (3, 0)]:
         storage.run_storage(tmp_path).write(manifest(step, rank), b"p")
     assert [
-        (c.step, c.manifest["writer_rank"]) for c in storage.run_storage(tmp_path).candidates()
+        (c.step, c.manifest.writer_rank) for c in storage.run_storage(tmp_path).candidates()
     ] == [
         (5, 1),
         (5, 2),

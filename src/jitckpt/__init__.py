@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "JitCheckpoint": "jitckpt.checkpoint.jit_checkpoint",
+    "JitCheckpoint": "jitckpt.checkpoint",
     "ElasticDistributedSampler": "jitckpt.state.data",
     "init_process_group": "jitckpt.distributed",
     "init_device_mesh": "jitckpt.state.mesh",
@@ -40,7 +40,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from jitckpt.checkpoint.jit_checkpoint import JitCheckpoint
+    from jitckpt.checkpoint import JitCheckpoint
     from jitckpt.distributed import init_process_group
     from jitckpt.errors import CheckpointError, CheckpointMismatchError, RunDirError
     from jitckpt.state.data import ElasticDistributedSampler

@@ -118,29 +118,49 @@ class CanonicalAllreduce:
                 received = recovery.recover(self.step(), self.last_reduced)
                 if received is not None:
                     return received
-            # A private copy per try: an abandoned all-reduce may still write
-            # into its buffer much later (PLATFORM.md, rule 3).
-            flat = local.clone()
-            woken = threading.Event()
-            recovery.add_waiter(woken)
-            try:
-                work = dist.all_reduce(flat, group=dist.group.WORLD, async_op=True)
-                done = work.get_future()  # type: ignore[union-attr]
-                done.add_done_callback(lambda _, woken=woken: woken.set())
-                woken.wait()
-            finally:
-                recovery.remove_waiter(woken)
-            if not done.done():
-                recovery.abandon((work, done, flat))  # a peer died: recover, then retry
-                continue
-            try:
-                done.wait()
-            except Exception:
-                if not recovery.wait_notice(NOTICE_TIMEOUT_S):
-                    raise
-                recovery.abandon((work, done, flat))
-                continue
+            reduced = interruptible_all_reduce(recovery, local)
+            if reduced is not None:
+                return reduced
+            # A peer died: recover (above), then reduce again on the new group.
+
+
+def interruptible_all_reduce(
+    recovery: Recovery, tensor: torch.Tensor, op: Any = None
+) -> torch.Tensor | None:
+    """All-reduce a private copy of ``tensor`` over the default group, waited
+    for from Python so that a recovery notice wakes the wait even when gloo
+    never returns (nothing cancels a pending gloo call). Returns the reduced
+    copy; None when a recovery interrupted it (the pending call and its
+    buffer are handed to ``recovery.abandon``). A failed all-reduce counts as
+    interrupted if a notice follows within NOTICE_TIMEOUT_S; else it raises.
+
+    The copy matters: an abandoned all-reduce may still write into its
+    buffer much later, so live tensors are never handed to gloo."""
+    flat = tensor.detach().clone()
+    woken = threading.Event()
+    recovery.add_waiter(woken)
+    try:
+        work = dist.all_reduce(
+            flat,
+            op=op if op is not None else dist.ReduceOp.SUM,
+            group=dist.group.WORLD,
+            async_op=True,
+        )
+        done = work.get_future()  # type: ignore[union-attr]
+        done.add_done_callback(lambda _, woken=woken: woken.set())
+        woken.wait()
+    finally:
+        recovery.remove_waiter(woken)
+    if done.done():
+        try:
+            done.wait()
+        except Exception:
+            if not recovery.wait_notice(NOTICE_TIMEOUT_S):
+                raise
+        else:
             return flat
+    recovery.abandon((work, done, flat))
+    return None
 
 
 def observed_allreduce_hook(on_bucket: BucketCallback) -> Callable[..., Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import NoReturn
+
+from jitckpt.protocol import EXIT_FATAL, ControlDir
 
 
 class JitckptError(Exception):
@@ -40,23 +41,13 @@ class InjectedFault(RuntimeError):
     """Raised by ``--inject raise@...``: stands for a bug in the user's step."""
 
 
-# Exit status of a worker (and of ``jitckpt run``) that stopped after saving a
-# JIT checkpoint because of a preemption: EX_TEMPFAIL from sysexits.h, "try
-# again later". Schedulers requeue on it; running the same command resumes.
-EXIT_SAVED_AND_STOPPED = 75
-# Exit status of a worker that hit an error no restart can fix (a checkpoint
-# that does not fit the model, an unusable run directory). The launcher stops
-# restarting when a worker reports one.
-EXIT_FATAL = 78  # EX_CONFIG
-
-
 def exit_fatal(message: str, rank: int | str) -> NoReturn:
-    """Print the error, tell the launcher not to restart (a file in its
-    control directory: no attempt can get past this) and exit EXIT_FATAL."""
+    """Print the error, tell the launcher not to restart (no attempt can get
+    past this: jitckpt.protocol.ControlDir.report_fatal) and exit EXIT_FATAL."""
     print(f"jitckpt: error: {message}", file=sys.stderr, flush=True)
-    control = os.environ.get("JITCKPT_CONTROL_DIR")
-    if control:
-        Path(control, f"fatal-{rank}").write_text(message)
+    control = ControlDir.from_env()
+    if control is not None:
+        control.report_fatal(rank, message)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_FATAL)

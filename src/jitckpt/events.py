@@ -55,6 +55,16 @@ class EventLog:
                 self._lost += 1
         return record
 
+    def warn(self, event: str, **data: Any) -> dict[str, Any]:
+        """Emit an event the user must also see on stderr: a save skipped or
+        failed, a JIT checkpoint that cannot exist (docs/promises.md, P6:
+        say so)."""
+        record = self.emit(event, **data)
+        detail = "; ".join(f"{k}: {v}" for k, v in data.items())
+        who = f"rank {self.fields['rank']}: " if "rank" in self.fields else ""
+        print(f"jitckpt: {who}{event.replace('_', ' ')}: {detail}", file=sys.stderr, flush=True)
+        return record
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:

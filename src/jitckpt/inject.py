@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jitckpt import protocol
 from jitckpt.errors import FaultSpecError, InjectedFault
 
 KINDS = ("kill", "hang", "raise", "term", "node")
 PHASES = (
     "data", "forward", "backward", "allreduce", "optimizer", "save", "restore", "recovery",
 )  # fmt: skip
-ENV_VAR = "JITCKPT_INJECT"
 MARKER_DIR = Path(".jitckpt") / "injections"
 
 
@@ -145,16 +145,16 @@ class Injector:
 def preempt_job() -> None:
     """SIGTERM the whole job as a scheduler would: the launcher forwards it to
     every worker and stops. Without a launcher, signal every rank directly."""
-    agent = os.environ.get("JITCKPT_AGENT_PID")
+    agent = os.environ.get(protocol.AGENT_PID_ENV)
     if agent:
         os.kill(int(agent), signal.SIGTERM)
         return
-    from jitckpt import distributed
+    from jitckpt import attempt
 
-    store = distributed.attempt_store()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    store = attempt.store()
+    world = int(os.environ.get(protocol.WORLD_SIZE_ENV, "1"))
     for rank in range(world):
-        os.kill(int(store.get(f"pid/{rank}").decode()), signal.SIGTERM)
+        os.kill(int(store.get(protocol.PID_KEY.format(rank=rank)).decode()), signal.SIGTERM)
 
 
 def hang_forever() -> None:
@@ -170,13 +170,12 @@ def kill_node() -> None:
     """SIGKILL this rank's agent and every worker it started, as if the
     machine lost power. Workers list their pids in the launcher's control
     directory (private to this node's launcher)."""
-    agent = os.environ.get("JITCKPT_AGENT_PID")
-    control = os.environ.get("JITCKPT_CONTROL_DIR")
-    if not agent or not control:
+    agent = os.environ.get(protocol.AGENT_PID_ENV)
+    control = protocol.ControlDir.from_env()
+    if not agent or control is None:
         raise FaultSpecError("node faults need the jitckpt launcher (jitckpt run)")
     os.kill(int(agent), signal.SIGKILL)
-    for pid_file in sorted(Path(control, "pids").glob("*")):
-        pid = int(pid_file.read_text())
+    for pid in control.pids():
         if pid != os.getpid():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jitckpt import storage
 from jitckpt.errors import CheckpointError
-from jitckpt.storage import directory as storage
 
 
 def main(argv: list[str]) -> int:
@@ -41,17 +41,16 @@ def main(argv: list[str]) -> int:
                     store.check_sizes(candidate)
             except CheckpointError as exc:
                 problem = str(exc)
-        m = candidate.manifest or {}
-        size = sum(f.get("size", 0) for f in m.get("files", {}).values()) if m else None
+        m = candidate.manifest
         rows.append(
             {
                 "path": str(candidate.path),
-                "kind": m.get("kind"),
-                "step": m.get("step"),
-                "world_size": m.get("world_size"),
-                "writer_rank": m.get("writer_rank"),
-                "layout": (m.get("layout") or {}).get("type"),
-                "bytes": size,
+                "kind": m.kind if m else None,
+                "step": m.step if m else None,
+                "world_size": m.world_size if m else None,
+                "writer_rank": m.writer_rank if m else None,
+                "layout": m.layout.get("type") if m else None,
+                "bytes": m.size if m else None,
                 "valid": problem is None,
                 "problem": problem,
             }

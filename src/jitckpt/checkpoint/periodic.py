@@ -3,7 +3,7 @@ written in the background.
 
 JIT checkpoints need a surviving replica. When none survives (every rank
 lost at once, a power cut), the job must fall back to an older checkpoint
-(promise P6). The training loop pays at most for a copy of the state: parameters and
+(docs/promises.md, P6). The training loop pays at most for a copy of the state: parameters and
 optimizer state are copied by a writer thread while the next forward and
 backward run (only optimizer.step() waits for the copy), and the atomic
 write happens on that thread too. In DDP every replica holds the same state, so rank 0 alone
@@ -23,7 +23,8 @@ import torch
 
 from jitckpt.state.archive import Archive
 from jitckpt.state.training import clone_tensors
-from jitckpt.storage.directory import Storage
+from jitckpt.storage.base import Storage
+from jitckpt.storage.manifest import Manifest
 
 
 class ReusedBuffers:
@@ -62,7 +63,7 @@ class PeriodicSaver:
         storage: where checkpoints go (the run directory's).
         every_steps: save when the completed step count is a multiple of this.
         every_s: save when this many seconds passed since the last save.
-        manifest: builds the manifest for a step (kind is set here).
+        manifest: builds the manifest of a periodic checkpoint of a step.
         events: the event log.
         keep: periodic checkpoints kept (older ones are removed).
     """
@@ -72,7 +73,7 @@ class PeriodicSaver:
         storage: Storage,
         every_steps: int | None,
         every_s: float | None,
-        manifest: Callable[[int], dict[str, Any]],
+        manifest: Callable[[int], Manifest],
         events: Any,
         keep: int,
     ) -> None:
@@ -148,8 +149,7 @@ class PeriodicSaver:
         copy_s = time.monotonic() - started
         try:
             payload = Archive(tree)
-            manifest = dict(self.manifest(step), kind="periodic")
-            path = self.storage.write(manifest, payload)
+            path = self.storage.write(self.manifest(step), payload)
         except Exception as exc:  # noqa: BLE001 - the backstop must say it is off, not vanish
             self._failed(step, exc)
             return

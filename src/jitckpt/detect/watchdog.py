@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from jitckpt import protocol
 from jitckpt.tracker import StepTracker
 
 # Timeout = max(HANG_TIMEOUT_FLOOR_S, HANG_TIMEOUT_STEPS x median step time),
@@ -36,14 +37,6 @@ CHECK_INTERVAL_S = 0.1
 # How often each rank publishes its heartbeat, and when one counts as stale.
 HEARTBEAT_INTERVAL_S = 0.25
 STALE_AFTER_S = 1.0
-
-
-# Set in the store by the first rank of a sharded model that enters its
-# failure path (jitckpt.sharded.announce). Its peers may not notice anything
-# themselves (a rank that raised before any collective broke leaves them
-# blocked in a healthy collective, waiting for it), yet the save of all
-# shards needs them: their heartbeat threads see this key and start theirs.
-FAILURE_KEY = "failure"
 
 
 # Before a step has completed in this process there is no step time to
@@ -65,7 +58,7 @@ def hang_timeout(tracker: StepTracker, override: float | None) -> float:
 class Heartbeat:
     """Publishes ``hb/<rank>`` = {t, progress, completed} every interval;
     progress counts from the start of the step ``completed``. With
-    ``on_peer_failure``, also watches FAILURE_KEY and calls it once, from a
+    ``on_peer_failure``, also watches protocol.FAILURE_KEY and calls it once, from a
     thread of its own, with the rank that set the key."""
 
     def __init__(
@@ -103,9 +96,9 @@ class Heartbeat:
                 "completed": self.tracker.position().completed,
             }
             try:
-                self.store.set(f"hb/{self.rank}", json.dumps(record))
-                if self.on_peer_failure is not None and self.store.check([FAILURE_KEY]):
-                    who = self.store.get(FAILURE_KEY).decode()
+                self.store.set(protocol.HEARTBEAT_KEY.format(rank=self.rank), json.dumps(record))
+                if self.on_peer_failure is not None and self.store.check([protocol.FAILURE_KEY]):
+                    who = self.store.get(protocol.FAILURE_KEY).decode()
                     callback, self.on_peer_failure = self.on_peer_failure, None
                     threading.Thread(
                         target=callback, args=(who,), name="jitckpt-peer-failure", daemon=True
@@ -122,11 +115,8 @@ def read_suspects(store: Any, world_size: int, own_rank: int) -> dict[int, str]:
     beats: dict[int, dict[str, Any] | None] = {}
     for rank in range(world_size):
         try:
-            beats[rank] = (
-                json.loads(store.get(f"hb/{rank}").decode())
-                if store.check([f"hb/{rank}"])
-                else None
-            )
+            key = protocol.HEARTBEAT_KEY.format(rank=rank)
+            beats[rank] = json.loads(store.get(key).decode()) if store.check([key]) else None
         except Exception:  # noqa: BLE001
             beats[rank] = None
     live = {r: b for r, b in beats.items() if b is not None and now - b["t"] <= STALE_AFTER_S}

@@ -1,18 +1,19 @@
 """In-process recovery: survivors keep running, one process replaces the dead rank.
 
-The launcher (jitckpt.agent) sees a worker exit and publishes a *notice* for
+The launcher (jitckpt.launch.agent) sees a worker exit and publishes a *notice* for
 the next group generation in the store; it starts a replacement (a hot spare
 or a fresh process) for the dead rank only. On every survivor a watcher
 thread reads the notice and wakes the training thread, which is waiting in
 the deterministic all-reduce hook (jitckpt.comm) on a gloo call that will
-never return (nothing cancels it: PLATFORM.md). The training thread then,
+never return (nothing cancels a pending gloo call:
+docs/platform.md). The training thread then,
 inside the hook:
 
 1. keeps the broken group alive and forms a new default group over
    ``PrefixStore(.../gen_G)`` with the replacement at the dead rank's index
    (``new_group`` cannot: it needs a working default group). The old group is
    dropped later by a background thread: its destructor waits for the
-   pending gloo call (PLATFORM.md, rule 2);
+   pending gloo call (jitckpt.inprocess.graveyard);
 2. exchanges positions: each survivor says which step's all-reduce it waits
    for. Healthy ranks are at most one all-reduce apart (the next one needs
    everybody). The most advanced consistent step wins: a rank one behind
@@ -34,127 +35,82 @@ import json
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from jitckpt import distributed
-from jitckpt.comm import NOTICE_TIMEOUT_S
+from jitckpt import attempt, compat, protocol
+from jitckpt.comm import interruptible_all_reduce
 from jitckpt.events import EventLog
+from jitckpt.inprocess.graveyard import SETTLE_TIMEOUT_S, Graveyard, resource_counts
 from jitckpt.state.training import TrainingState, decode
 from jitckpt.tracker import StepTracker
-
-# Set by `jitckpt run` when in-process recovery is on (see the launcher).
-ENABLED_ENV = "JITCKPT_INPROCESS"
-
-# Store keys under the attempt's prefix (jitckpt.distributed.attempt_store).
-GENERATION_COUNTER = "inproc/generation"
-NOTICE_KEY = "inproc/notice/{generation}"
-CAPABLE_KEY = "inproc/capable/{rank}"
-DONE_COUNTER = "inproc/done/{generation}"
-SPARE_KEY = "inproc/spare/{spare}"
-KILL_KEY = "inproc/kill/{rank}"
 
 # The watcher's store wait is cut into slices this long so that it notices a
 # stop request (end of training) and never sits in a store call at exit.
 WATCH_SLICE = timedelta(seconds=0.5)
-# How long the old group is kept before the background thread drops it:
-# long enough for every peer to have re-formed (their old connections close,
-# which ends our pending gloo call instead of waiting for the group timeout).
-RELEASE_DELAY_S = 1.0
-# How long the end of training waits for the graveyard (RELEASE_DELAY_S and
-# the drops: ~1.0-1.1 s after the last recovery here).
-SETTLE_TIMEOUT_S = 10.0
 # A position meaning "no state at all" (a replacement).
 NO_STATE = -1
 
 
 def placeholder_group() -> dist.ProcessGroup:
-    """A one-rank group that never communicates (jitckpt.detached)."""
+    """A one-rank group that never communicates (jitckpt.inprocess.detached)."""
     from jitckpt.inprocess.detached import DetachedGroup
 
     return DetachedGroup(0, 1)
 
 
-def resource_counts() -> dict[str, int]:
-    """This process's threads (native ones included), open file descriptors
-    and resident memory (KiB): what a recovery must give back."""
-    counts = {"threads": -1, "fds": -1, "rss_kb": -1}
-    try:
-        counts["threads"] = len(os.listdir("/proc/self/task"))
-        counts["fds"] = len(os.listdir("/proc/self/fd"))
-        with open("/proc/self/statm") as handle:
-            counts["rss_kb"] = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return counts
+def form_group(generation: int, rank: int, world_size: int) -> None:
+    """Make the default group a new one, over keys private to ``generation``,
+    with the script's backend and options. The caller keeps a reference to
+    the old group: destroying the registry entry is instant, dropping a gloo
+    group with pending work is not (jitckpt.inprocess.graveyard)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    backend, extra = attempt.group_settings()
+    store = dist.PrefixStore(
+        protocol.generation_prefix(attempt.prefix(), generation), attempt.base_store()
+    )
+    dist.init_process_group(  # type: ignore[call-overload]
+        backend, store=store, rank=rank, world_size=world_size, **extra
+    )
 
 
-class Graveyard:
-    """Holds abandoned groups and pending work and drops them from a
-    background thread, never from the training thread (PLATFORM.md, rule 2).
+@dataclass(frozen=True)
+class TransferPlan:
+    """Who sends what after the new group exchanged positions (each rank's
+    position: the step whose all-reduce it waits for, NO_STATE for a
+    replacement). Healthy ranks are at most one all-reduce apart, so the
+    most advanced step is one every rank can reach: the lowest rank at it
+    sends the whole state to each replacement and the reduced gradient it
+    already has to each rank one all-reduce behind."""
 
-    ``on_release(what, held_s, drop_s)`` is called after each drop: how long
-    the item was held (from ``keep`` to the end of its drop) and how long the
-    drop itself blocked (a gloo group's destructor waits for its pending
-    call, which ends once the peers have closed their old connections)."""
+    step: int
+    source: int
+    replacements: list[int] = field(default_factory=list)
+    behind: list[int] = field(default_factory=list)
 
-    def __init__(self, on_release: Any = None) -> None:
-        self._items: list[tuple[float, float, Any]] = []
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._on_release = on_release or (lambda what, held_s, drop_s: None)
+    def role(self, rank: int) -> str:
+        if rank == self.source:
+            return "source"
+        if rank in self.replacements:
+            return "replacement"
+        return "behind" if rank in self.behind else "survivor"
 
-    def keep(self, item: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._items.append((now + RELEASE_DELAY_S, now, item))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._release, name="jitckpt-graveyard", daemon=True
-                )
-                self._thread.start()
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    def _release(self) -> None:
-        while True:
-            with self._lock:
-                if not self._items:
-                    self._thread = None
-                    return
-                due, _, _ = self._items[0]
-            time.sleep(max(0.0, due - time.monotonic()))
-            with self._lock:
-                _, kept, item = self._items[0]
-            what = type(item[0] if isinstance(item, tuple) else item).__name__
-            dropping = time.monotonic()
-            # The list's reference is the last one: the drop happens here and
-            # may block until the pending gloo call ends.
-            with self._lock:
-                self._items.pop(0)
-            del item
-            done = time.monotonic()
-            try:
-                self._on_release(what, done - kept, done - dropping)
-            except Exception:  # noqa: BLE001 - a report must not stop the releases
-                pass
-
-    def join(self, timeout: float) -> bool:
-        """Wait until everything kept is dropped (or ``timeout``); True if so."""
-        deadline = time.monotonic() + timeout
-        while True:
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                return len(self) == 0
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if time.monotonic() >= deadline:
-                return len(self) == 0 and not thread.is_alive()
+def plan_transfer(positions: list[int]) -> TransferPlan:
+    step = max(positions)
+    if step == NO_STATE:
+        raise RuntimeError("in-process recovery: no rank has a state to send")
+    return TransferPlan(
+        step=step,
+        source=positions.index(step),
+        replacements=[r for r, p in enumerate(positions) if p == NO_STATE],
+        behind=[r for r, p in enumerate(positions) if NO_STATE < p < step],
+    )
 
 
 class InProcessRecovery:
@@ -217,10 +173,10 @@ class InProcessRecovery:
     def start(self) -> None:
         """Say this rank can recover in process and start watching for notices
         (those after the generation this rank joined)."""
-        store = distributed.attempt_store()
-        store.set(CAPABLE_KEY.format(rank=self.rank), "1")
+        store = attempt.store()
+        store.set(protocol.INPROC_CAPABLE_KEY.format(rank=self.rank), "1")
         self._watcher = threading.Thread(
-            target=self._watch, args=(distributed.side_store(),), name="jitckpt-inproc", daemon=True
+            target=self._watch, args=(attempt.side_store(),), name="jitckpt-inproc", daemon=True
         )
         self._watcher.start()
 
@@ -244,7 +200,7 @@ class InProcessRecovery:
             with self._cond:
                 # One notice at a time: the next is for the next generation.
                 self._cond.wait_for(lambda: self._notice is None or self._stop.is_set())
-                key = NOTICE_KEY.format(generation=self.generation + 1)
+                key = protocol.INPROC_NOTICE_KEY.format(generation=self.generation + 1)
             if self._stop.is_set():
                 return
             try:
@@ -281,42 +237,28 @@ class InProcessRecovery:
             return self._cond.wait_for(lambda: self._notice is not None, timeout)
 
     def request_kill(self, ranks: list[int]) -> None:
-        """Ask the launcher to kill hung peers (jitckpt.agent serves it)."""
-        store = distributed.attempt_store()
+        """Ask the launcher to kill hung peers (jitckpt.launch.agent serves it)."""
+        store = attempt.store()
         for rank in ranks:
-            store.set(KILL_KEY.format(rank=rank), json.dumps({"generation": self.generation}))
+            store.set(
+                protocol.INPROC_KILL_KEY.format(rank=rank),
+                json.dumps({"generation": self.generation}),
+            )
 
     def all_reduce(self, tensor: torch.Tensor, op: Any) -> bool:
-        """A collective the script makes in its step (JitCheckpoint.all_reduce):
-        waited for from Python like the gradient all-reduce, so a recovery
-        wakes it. Reduces a private copy and copies back only on success
-        (PLATFORM.md, rule 3); returns False, the tensor unchanged, when a
-        recovery interrupts it: the loop goes on to the next all-reduce,
-        where the recovery takes place."""
+        """A collective the script makes in its step (JitCheckpoint.all_reduce),
+        woken by a recovery like the gradient all-reduce
+        (jitckpt.comm.interruptible_all_reduce). Returns False, the tensor
+        unchanged, when a recovery interrupts it: the loop goes on to the next
+        all-reduce, where the recovery takes place."""
         if self.pending():
             return False
-        flat = tensor.detach().clone()
-        woken = threading.Event()
-        self.add_waiter(woken)
-        try:
-            work = dist.all_reduce(flat, op=op, group=dist.group.WORLD, async_op=True)
-            done = work.get_future()  # type: ignore[union-attr]
-            done.add_done_callback(lambda _, woken=woken: woken.set())
-            woken.wait()
-        finally:
-            self.remove_waiter(woken)
-        if done.done():
-            try:
-                done.wait()
-            except Exception:
-                if not self.wait_notice(NOTICE_TIMEOUT_S):
-                    raise
-            else:
-                tensor.copy_(flat)
-                return True
-        self.abandon((work, done, flat))
-        self.events.emit("inproc_collective_abandoned", kind="all_reduce")
-        return False
+        reduced = interruptible_all_reduce(self, tensor, op)
+        if reduced is None:
+            self.events.emit("inproc_collective_abandoned", kind="all_reduce")
+            return False
+        tensor.copy_(reduced)
+        return True
 
     def abandon(self, leftover: Any) -> None:
         self._graveyard.keep(leftover)
@@ -330,28 +272,25 @@ class InProcessRecovery:
         unblocked = time.time()
         reform_s = self._reform(int(notice["generation"]), replacement=False)
         started = time.monotonic()
-        positions = self._positions(step)
-        target = max(positions)
-        self._inject("recovery", target)
-        source = positions.index(target)
+        plan = plan_transfer(self._positions(step))
+        self._inject("recovery", plan.step)
         received: torch.Tensor | None = None
         sent = 0
-        if self.rank == source:
-            for peer, position in enumerate(positions):
-                if position == NO_STATE:
-                    sent += self._send_state(peer, target)
-                elif position < target:
-                    if last_reduced is None:
-                        raise RuntimeError("in-process recovery: no reduced gradient to send")
-                    dist.send(last_reduced, peer)
-                    sent += last_reduced.numel() * last_reduced.element_size()
-        elif positions[self.rank] < target:
-            received = torch.empty_like(last_reduced) if last_reduced is not None else None
-            if received is None:
+        if self.rank == plan.source:
+            for peer in plan.replacements:
+                sent += self._send_state(peer, plan.step)
+            for peer in plan.behind:
+                if last_reduced is None:
+                    raise RuntimeError("in-process recovery: no reduced gradient to send")
+                dist.send(last_reduced, peer)
+                sent += last_reduced.numel() * last_reduced.element_size()
+        elif self.rank in plan.behind:
+            if last_reduced is None:
                 raise RuntimeError("in-process recovery: behind without a gradient buffer")
-            dist.recv(received, source)
-        role = "source" if self.rank == source else "behind" if received is not None else "survivor"
-        self._finish(notice, role, target, unblocked, reform_s, time.monotonic() - started, sent)
+            received = torch.empty_like(last_reduced)
+            dist.recv(received, plan.source)
+        role = plan.role(self.rank)
+        self._finish(notice, role, plan.step, unblocked, reform_s, time.monotonic() - started, sent)
         return received
 
     # -- a replacement joining ---------------------------------------------------------
@@ -359,8 +298,8 @@ class InProcessRecovery:
         """Join generation ``notice["generation"]`` as the dead rank's
         replacement and receive the state; returns the step to start from."""
         generation = int(notice["generation"])
-        key = NOTICE_KEY.format(generation=generation)
-        notice = {**json.loads(distributed.attempt_store().get(key).decode()), **notice}
+        key = protocol.INPROC_NOTICE_KEY.format(generation=generation)
+        notice = {**json.loads(attempt.store().get(key).decode()), **notice}
         self.generation = generation - 1
         self._notice = notice
         notice.setdefault("seen", time.time())
@@ -368,17 +307,19 @@ class InProcessRecovery:
         unblocked = time.time()
         reform_s = self._reform(int(notice["generation"]), replacement=True)
         started = time.monotonic()
-        positions = self._positions(NO_STATE)
-        target = max(positions)
-        if target == NO_STATE:
-            raise RuntimeError("in-process recovery: no rank has a state to send")
-        self._inject("recovery", target)
-        source = positions.index(target)
-        received = self._receive_state(source)
+        plan = plan_transfer(self._positions(NO_STATE))
+        self._inject("recovery", plan.step)
+        received = self._receive_state(plan.source)
         self._finish(
-            notice, "replacement", target, unblocked, reform_s, time.monotonic() - started, received
+            notice,
+            "replacement",
+            plan.step,
+            unblocked,
+            reform_s,
+            time.monotonic() - started,
+            received,
         )
-        return target
+        return plan.step
 
     # -- the steps -------------------------------------------------------------------
     def _reform(self, generation: int, replacement: bool) -> float:
@@ -386,7 +327,7 @@ class InProcessRecovery:
         old = dist.group.WORLD
         if old is not None:
             self._retired.append(old)
-        distributed.form_group(generation, self.rank, self.world_size)
+        form_group(generation, self.rank, self.world_size)
         ddp = self.model
         if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             # The reducer is re-pointed at the next step boundary: this runs
@@ -450,7 +391,7 @@ class InProcessRecovery:
             transfer_s=transfer_s,
             bytes=nbytes,
         )
-        distributed.attempt_store().add(DONE_COUNTER.format(generation=generation), 1)
+        attempt.store().add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
         self.recoveries += 1
         self._recovered_at_step = step
         with self._cond:
@@ -468,7 +409,7 @@ class InProcessRecovery:
             # replacement's reducer was built on its own placeholder).
             if self._placeholder is None:
                 self._placeholder = placeholder_group()
-            self.model.reducer._update_process_group(self._placeholder)  # type: ignore[operator, union-attr]
+            compat.repoint_reducer(self.model, self._placeholder)
             self._reducer_stale = False
             self._bury_retired()
         if self._recovered_at_step is not None and step == self._recovered_at_step + 1:
@@ -482,61 +423,8 @@ def applies(model: torch.nn.Module, *, deterministic: bool, uses_store: bool) ->
     """In-process recovery is on for this rank: the launcher enabled it and
     the all-reduce goes through the deterministic hook it relies on."""
     return (
-        os.environ.get(ENABLED_ENV) == "1"
+        os.environ.get(protocol.INPROCESS_ENV) == "1"
         and deterministic
         and uses_store
         and isinstance(model, torch.nn.parallel.DistributedDataParallel)
     )
-
-
-def joining() -> dict[str, Any] | None:
-    """For a spare (after its assignment) or a fresh replacement: the rank it
-    takes and the generation it joins; None for an ordinary worker."""
-    role = distributed.role()
-    if role == "replacement":
-        return {
-            "rank": int(os.environ["RANK"]),
-            "generation": int(os.environ[distributed.JOIN_GENERATION_ENV]),
-        }
-    if role != "spare":
-        return None
-    assignment = await_spare_assignment()
-    return {"rank": int(assignment["rank"]), "generation": int(assignment["generation"])}
-
-
-_assignment: dict[str, Any] | None = None
-
-
-def await_spare_assignment() -> dict[str, Any]:
-    """A hot spare blocks here until the launcher assigns it a rank (once:
-    jitckpt.init_process_group waits, JitCheckpoint reads the answer); RANK
-    and LOCAL_RANK then say the rank it takes."""
-    global _assignment
-    if _assignment is not None:
-        return _assignment
-    spare = os.environ[distributed.SPARE_ID_ENV]
-    control = os.environ.get("JITCKPT_CONTROL_DIR")
-    if control:
-        # Listed with the workers, so that a node fault kills spares too.
-        Path(control, "pids").mkdir(exist_ok=True)
-        Path(control, "pids", f"spare-{spare}").write_text(str(os.getpid()))
-    assignment = await_assignment(spare)
-    os.environ["RANK"] = str(assignment["rank"])
-    os.environ["LOCAL_RANK"] = str(assignment["local_rank"])
-    if control:
-        Path(control, "pids", f"spare-{spare}").unlink(missing_ok=True)
-    _assignment = assignment
-    return assignment
-
-
-def await_assignment(spare: str) -> dict[str, Any]:
-    """Wait for the launcher's assignment of spare ``spare`` in the store."""
-    store = distributed.attempt_store()
-    key = SPARE_KEY.format(spare=spare)
-    while True:
-        try:
-            store.wait([key], timedelta(seconds=60))
-            break
-        except Exception:  # noqa: BLE001 - no failure yet: keep waiting
-            continue
-    return dict(json.loads(store.get(key).decode()))

@@ -1,1 +1,13 @@
-"""TODO"""
+"""``jitckpt run``: the launcher, its elastic agent, and how workers start.
+
+Owns: torchrun's parser and torch.distributed.elastic's agent with a short
+kill grace, fatal-error stop and event logging (launcher, agent); one
+process context per worker and per hot spare for in-process recovery
+(workers); the warm process pool that forks workers with torch already
+imported (warmpool, zygote, warmclient, wire); and the worker entry point
+that installs the signal thread first (bootstrap). Talks to workers only
+through jitckpt.protocol (environment, control directory, store keys, exit
+codes); never imports the worker runtime (checkpoint, state, inprocess).
+bootstrap and the warm-pool client run before torch is imported in a
+worker and import only the standard library.
+"""

@@ -19,27 +19,23 @@ these changes for JIT checkpointing.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch.distributed as dist
-from torch.distributed.elastic.agent.server import local_elastic_agent
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from jitckpt import distributed
+from jitckpt import compat, protocol
 from jitckpt.events import EventLog
-from jitckpt.inprocess import recovery as inprocess
 from jitckpt.launch.workers import WorkerProcesses
 
 
@@ -51,8 +47,6 @@ def worker_group_run_id(agent: LocalElasticAgent) -> str | None:
         return None
 
 
-# Workers touch a file here while they write a JIT checkpoint.
-SAVING_DIR = "saving"
 # The longest the agent waits for savers before SIGKILL, however long the
 # save: a bound for a writer stuck on dead storage.
 MAX_SAVE_WAIT_S = 300.0
@@ -74,6 +68,7 @@ class JitAgent(LocalElasticAgent):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.control_dir = control_dir
+        self.control = protocol.ControlDir(control_dir)
         self.term_grace_s = term_grace_s
         self.inprocess = inprocess
         self.spares = spares
@@ -88,24 +83,19 @@ class JitAgent(LocalElasticAgent):
     def events(self) -> EventLog | None:
         """The run's event log, once a worker has said where the run dir is."""
         if self._events is None:
-            run_dir_file = self.control_dir / "run_dir"
-            if run_dir_file.exists():
-                self._events = EventLog(
-                    run_dir_file.read_text().strip(),
-                    rank="agent",
-                    launch=worker_group_run_id(self),
-                )
+            run_dir = self.control.run_dir()
+            if run_dir is not None:
+                self._events = EventLog(run_dir, rank="agent", launch=worker_group_run_id(self))
         return self._events
 
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         # Workers build their process group under a store prefix unique to
         # this rendezvous round: membership changes restart workers without
         # counting a restart, so TORCHELASTIC_RESTART_COUNT alone can repeat.
-        state = getattr(
-            getattr(worker_group.spec.rdzv_handler, "_state_holder", None), "state", None
+        os.environ[protocol.RDZV_ROUND_ENV] = str(
+            compat.rendezvous_round(worker_group.spec.rdzv_handler)
         )
-        os.environ["JITCKPT_RDZV_ROUND"] = str(getattr(state, "round", "na"))
-        shutil.rmtree(self.control_dir / SAVING_DIR, ignore_errors=True)
+        self.control.clear_saving()
         if self.inprocess:
             pids = self._start_workers_apart(worker_group)
         else:
@@ -138,7 +128,7 @@ class JitAgent(LocalElasticAgent):
         def start_apart(**launch: Any) -> WorkerProcesses:
             return WorkerProcesses(launch, spares)
 
-        with mock.patch.object(local_elastic_agent, "start_processes", start_apart):
+        with compat.divert_start_processes(start_apart):
             pids = super()._start_workers(worker_group)
         restart_count = worker_group.spec.max_restarts - self._remaining_restarts
         client = dist.TCPStore(
@@ -148,7 +138,7 @@ class JitAgent(LocalElasticAgent):
             timeout=timedelta(seconds=30),
             wait_for_workers=False,
         )
-        prefix = distributed.attempt_prefix(os.environ["JITCKPT_RDZV_ROUND"], restart_count)
+        prefix = protocol.attempt_prefix(os.environ[protocol.RDZV_ROUND_ENV], restart_count)
         self._recovery_store = dist.PrefixStore(prefix, client)
         self._recovering = None
         self._recoveries = 0
@@ -157,7 +147,7 @@ class JitAgent(LocalElasticAgent):
     def _terminate_patiently(self, pcontext: Any, death_sig: signal.Signals) -> None:
         """Signal every live worker, then wait up to the grace, longer (up to
         MAX_SAVE_WAIT_S) while any live worker reports a save in progress."""
-        handlers = dict(getattr(pcontext, "subprocess_handlers", {}))
+        handlers = compat.subprocess_handlers(pcontext)
         procs = [h.proc for h in handlers.values()]
         for proc in procs:
             if proc.poll() is None:
@@ -169,8 +159,7 @@ class JitAgent(LocalElasticAgent):
         while any(proc.poll() is None for proc in procs):
             waited = time.monotonic() - started
             saving = any(
-                handler.proc.poll() is None
-                and (self.control_dir / SAVING_DIR / str(local_rank)).exists()
+                handler.proc.poll() is None and self.control.is_saving(local_rank)
                 for local_rank, handler in handlers.items()
             )
             if waited > MAX_SAVE_WAIT_S or (waited > self.term_grace_s and not saving):
@@ -180,7 +169,7 @@ class JitAgent(LocalElasticAgent):
     def _stop_workers(self, worker_group: WorkerGroup) -> None:
         # timeout=None routes the close through _terminate_patiently (above).
         # Older torch (2.11) has no timeout parameter and closes with none.
-        if "timeout" in inspect.signature(self._shutdown).parameters:
+        if compat.shutdown_takes_timeout(self):
             self._shutdown(timeout=None)  # type: ignore[arg-type]
         else:
             self._shutdown()
@@ -201,9 +190,9 @@ class JitAgent(LocalElasticAgent):
                         worker_pid=failure.pid,
                         restarts_left=self._remaining_restarts,
                     )
-            fatal = sorted(self.control_dir.glob("fatal-*"))
+            fatal = self.control.fatal_messages()
             if fatal:
-                self.fatal_message = fatal[0].read_text()
+                self.fatal_message = fatal[0]
                 self._remaining_restarts = 0
         return result
 
@@ -271,32 +260,21 @@ class JitAgent(LocalElasticAgent):
         failures: dict[int, ProcessFailure],
         store: dist.Store,
     ) -> str | None:
-        if self._recovering is not None:
-            who = ", ".join(
-                f"rank {rank} ({'its replacement' if rank in self._replaced else 'a survivor'})"
-                for rank in sorted(
-                    worker_group.workers[local_rank].global_rank for local_rank in failures
-                )
-            )
-            return f"{who} failed during in-process recovery {self._recovering}"
-        if len(failures) + len(procs.succeeded) >= len(procs.contexts):
-            return "no surviving worker"
-        if list(self.control_dir.glob("fatal-*")):
-            return "a worker reported a fatal error"
-        if self._recoveries >= MAX_INPROCESS_RECOVERIES:
-            return f"{MAX_INPROCESS_RECOVERIES} in-process recoveries in this attempt"
         world_size = worker_group.workers[0].world_size
-        missing = [
-            rank
-            for rank in range(world_size)
-            if not store.check([inprocess.CAPABLE_KEY.format(rank=rank)])
-        ]
-        if missing:
-            return (
-                f"rank(s) {missing} not ready for it (it needs deterministic mode, DDP, "
-                f"and a failure after training started)"
-            )
-        return None
+        return in_process_refusal(
+            failed_ranks=[worker_group.workers[i].global_rank for i in failures],
+            recovering=self._recovering,
+            replaced=self._replaced,
+            finished=len(failures) + len(procs.succeeded),
+            workers=len(procs.contexts),
+            fatal=bool(self.control.fatal_messages()),
+            recoveries=self._recoveries,
+            not_capable=lambda: [
+                rank
+                for rank in range(world_size)
+                if not store.check([protocol.INPROC_CAPABLE_KEY.format(rank=rank)])
+            ],
+        )
 
     def _recover_in_process(
         self,
@@ -305,7 +283,7 @@ class JitAgent(LocalElasticAgent):
         failures: dict[int, ProcessFailure],
         store: dist.Store,
     ) -> None:
-        generation = store.add(inprocess.GENERATION_COUNTER, 1)
+        generation = store.add(protocol.INPROC_GENERATION_COUNTER, 1)
         dead = {local_rank: worker_group.workers[local_rank].global_rank for local_rank in failures}
         notice = {
             "generation": generation,
@@ -313,13 +291,15 @@ class JitAgent(LocalElasticAgent):
             "t": time.time(),
             "failure_t": time.time(),  # when this agent saw the exit
         }
-        store.set(inprocess.NOTICE_KEY.format(generation=generation), json.dumps(notice))
+        store.set(protocol.INPROC_NOTICE_KEY.format(generation=generation), json.dumps(notice))
         events = self.events()
         for local_rank, rank in dead.items():
             spare = procs.take_spare()
             if spare is not None:
                 assignment = {"rank": rank, "local_rank": local_rank, "generation": generation}
-                store.set(inprocess.SPARE_KEY.format(spare=spare.spare_id), json.dumps(assignment))
+                store.set(
+                    protocol.INPROC_SPARE_KEY.format(spare=spare.spare_id), json.dumps(assignment)
+                )
                 procs.adopt(local_rank, spare)
                 kind = "spare"
             else:
@@ -344,7 +324,7 @@ class JitAgent(LocalElasticAgent):
     def _check_recovery_done(self, worker_group: WorkerGroup, store: dist.Store) -> None:
         if self._recovering is None:
             return
-        key = inprocess.DONE_COUNTER.format(generation=self._recovering)
+        key = protocol.INPROC_DONE_COUNTER.format(generation=self._recovering)
         if store.add(key, 0) >= worker_group.workers[0].world_size:
             self._recovering = None
 
@@ -355,14 +335,59 @@ class JitAgent(LocalElasticAgent):
         turns a hang into the exit that in-process recovery handles."""
         for local_rank, context in procs.contexts.items():
             rank = worker_group.workers[local_rank].global_rank
-            key = inprocess.KILL_KEY.format(rank=rank)
+            key = protocol.INPROC_KILL_KEY.format(rank=rank)
             if not store.check([key]):
                 continue
             request = json.loads(store.get(key).decode())
             store.delete_key(key)
             # A request made before the last recovery may name a rank that a
             # replacement holds now: only the generation it was made in counts.
-            if int(request["generation"]) == store.add(inprocess.GENERATION_COUNTER, 0):
-                for handler in getattr(context, "subprocess_handlers", {}).values():
+            if int(request["generation"]) == store.add(protocol.INPROC_GENERATION_COUNTER, 0):
+                for handler in compat.subprocess_handlers(context).values():
                     if handler.proc.poll() is None:
                         handler.proc.kill()
+
+
+def in_process_refusal(
+    *,
+    failed_ranks: list[int],
+    recovering: int | None,
+    replaced: set[int],
+    finished: int,
+    workers: int,
+    fatal: bool,
+    recoveries: int,
+    not_capable: Callable[[], list[int]],
+) -> str | None:
+    """Why a failure of ``failed_ranks`` cannot be recovered in process (the
+    reason the launcher prints), or None when it can.
+
+    Args:
+        recovering: the generation of a recovery under way, if any.
+        replaced: the ranks whose replacement joins in that recovery.
+        finished: local workers that failed now or finished earlier.
+        workers: local workers in all.
+        fatal: a worker reported an error no restart can fix.
+        recoveries: in-process recoveries in this attempt so far.
+        not_capable: the ranks that have not said they can recover in
+            process (asked last: it reads the store).
+    """
+    if recovering is not None:
+        who = ", ".join(
+            f"rank {rank} ({'its replacement' if rank in replaced else 'a survivor'})"
+            for rank in sorted(failed_ranks)
+        )
+        return f"{who} failed during in-process recovery {recovering}"
+    if finished >= workers:
+        return "no surviving worker"
+    if fatal:
+        return "a worker reported a fatal error"
+    if recoveries >= MAX_INPROCESS_RECOVERIES:
+        return f"{MAX_INPROCESS_RECOVERIES} in-process recoveries in this attempt"
+    missing = not_capable()
+    if missing:
+        return (
+            f"rank(s) {missing} not ready for it (it needs deterministic mode, DDP, "
+            f"and a failure after training started)"
+        )
+    return None

@@ -26,8 +26,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from jitckpt.errors import EXIT_FATAL, EXIT_SAVED_AND_STOPPED, FaultSpecError
-from jitckpt.inject import ENV_VAR as INJECT_ENV
+from jitckpt import compat, protocol
+from jitckpt.errors import FaultSpecError
 from jitckpt.inject import KINDS as INJECT_KINDS
 from jitckpt.inject import PHASES as INJECT_PHASES
 from jitckpt.inject import parse_spec
@@ -43,9 +43,6 @@ DEFAULT_MAX_RESTARTS = 3
 DEFAULT_TERM_GRACE_S = 5.0
 # The agent's poll interval with in-process recovery, unless --monitor-interval.
 INPROCESS_MONITOR_INTERVAL_S = 0.02
-# Tells workers that in-process recovery is on (jitckpt.inprocess.ENABLED_ENV;
-# spelled out here so the launcher does not import torch before the pool).
-INPROCESS_ENV = "JITCKPT_INPROCESS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,10 +128,10 @@ def run(argv: list[str]) -> int:
         entry_args = ["-u", "-m", "jitckpt.launch.bootstrap", *rest]
 
     control_dir = Path(tempfile.mkdtemp(prefix="jitckpt-control-"))
-    os.environ["JITCKPT_CONTROL_DIR"] = str(control_dir)
-    os.environ["JITCKPT_AGENT_PID"] = str(os.getpid())
+    os.environ[protocol.CONTROL_DIR_ENV] = str(control_dir)
+    os.environ[protocol.AGENT_PID_ENV] = str(os.getpid())
     if specs:
-        os.environ[INJECT_ENV] = ";".join(str(spec) for spec in specs)
+        os.environ[protocol.INJECT_ENV] = ";".join(str(spec) for spec in specs)
     pool = None
     try:
         if rest is not None and args.warm_pool:
@@ -147,7 +144,7 @@ def run(argv: list[str]) -> int:
         if args.spares and not inprocess:
             parser.error("--spares needs in-process recovery (--recovery auto, one node)")
         if inprocess:
-            os.environ[INPROCESS_ENV] = "1"
+            os.environ[protocol.INPROCESS_ENV] = "1"
             if args.monitor_interval == parser.get_default("monitor_interval"):
                 # The agent's poll is what notices an exit for in-process
                 # recovery: torchrun's 0.1 s is most of its detection time.
@@ -174,7 +171,6 @@ def _launch(  # type: ignore[no-untyped-def]
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
-    from torch.distributed.launcher.api import _get_addr_and_port
 
     from jitckpt.analysis.summary import print_summary
     from jitckpt.launch.agent import JitAgent
@@ -190,7 +186,7 @@ def _launch(  # type: ignore[no-untyped-def]
         local_addr=config.local_addr,
         **config.rdzv_configs,
     )
-    master_addr, master_port = _get_addr_and_port(rdzv_parameters)
+    master_addr, master_port = compat.addr_and_port(rdzv_parameters)
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle
     spec = WorkerSpec(
         role=config.role,
@@ -204,10 +200,6 @@ def _launch(  # type: ignore[no-untyped-def]
         master_port=master_port,
         local_addr=config.local_addr,
     )
-    # shutdown_timeout is newer than torch 2.6 (this project's floor).
-    extra = (
-        {"shutdown_timeout": config.shutdown_timeout} if hasattr(config, "shutdown_timeout") else {}
-    )
     agent = JitAgent(
         spec=spec,
         logs_specs=config.logs_specs,
@@ -217,7 +209,7 @@ def _launch(  # type: ignore[no-untyped-def]
         term_grace_s=term_grace_s,
         inprocess=inprocess,
         spares=spares,
-        **extra,
+        **compat.agent_config_extras(config),
     )
     status = 1
     outcome = "failed"
@@ -226,7 +218,7 @@ def _launch(  # type: ignore[no-untyped-def]
         result = agent.run()
         if result.is_failed():
             outcome = "failed"
-            status = EXIT_FATAL if agent.fatal_message else 1
+            status = protocol.EXIT_FATAL if agent.fatal_message else 1
         else:
             outcome = "finished"
             status = 0
@@ -237,7 +229,11 @@ def _launch(  # type: ignore[no-untyped-def]
         outcome = f"stopped by signal {exc.sigval.name}"
         # SIGTERM is a scheduler's preemption: the workers saved, requeue to
         # resume. Other signals (Ctrl-C) end the job the usual way.
-        status = EXIT_SAVED_AND_STOPPED if exc.sigval == signal.SIGTERM else 128 + int(exc.sigval)
+        status = (
+            protocol.EXIT_SAVED_AND_STOPPED
+            if exc.sigval == signal.SIGTERM
+            else 128 + int(exc.sigval)
+        )
     finally:
         if shutdown_rdzv:
             spec.rdzv_handler.shutdown()
@@ -247,7 +243,7 @@ def _launch(  # type: ignore[no-untyped-def]
         print_summary(Path(events.path).parent, outcome=outcome)
     if agent.fatal_message:
         print(f"jitckpt: not restarting: {agent.fatal_message}", file=sys.stderr)
-    if status == EXIT_SAVED_AND_STOPPED:
+    if status == protocol.EXIT_SAVED_AND_STOPPED:
         print(
             "jitckpt: job stopped after saving; run the same command again to resume",
             file=sys.stderr,

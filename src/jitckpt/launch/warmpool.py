@@ -80,7 +80,7 @@ PRELOAD_MODULES = (
     "torch._dynamo",
     "torchdata.stateful_dataloader",
     "numpy",
-    "jitckpt.checkpoint.jit_checkpoint",
+    "jitckpt.checkpoint",
 )
 # How long a client waits for the zygote to answer its request. The first
 # workers of a launch connect while the zygote is still importing torch

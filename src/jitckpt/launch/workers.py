@@ -15,7 +15,7 @@ spare pool full.
 A spare runs the training script like a worker (through the warm pool when
 it is on) with ``JITCKPT_ROLE=spare``: it imports torch, builds the model and
 optimizer, and blocks in ``JitCheckpoint`` until the agent assigns it a rank
-(jitckpt.inprocess.await_assignment).
+(jitckpt.inprocess.join).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_pr
 from torch.distributed.elastic.multiprocessing.api import PContext, RunProcsResult
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from jitckpt.distributed import JOIN_GENERATION_ENV, ROLE_ENV, SPARE_ID_ENV
+from jitckpt import compat, protocol
 
 
 @dataclass
@@ -90,10 +90,11 @@ class WorkerProcesses:
         def pick(value: Any) -> Any:
             return value.get(local_rank, value.get(0)) if isinstance(value, dict) else value
 
+        redirects, tee = compat.logs_spec_streams(base)
         return DefaultLogsSpecs(
             log_dir=os.path.join(base.root_log_dir, f"jitckpt-{self._tag}-{name}"),
-            redirects=pick(base._redirects),
-            tee=pick(base._tee),
+            redirects=pick(redirects),
+            tee=pick(tee),
         )
 
     def refill_spares(self) -> None:
@@ -101,7 +102,9 @@ class WorkerProcesses:
         while len(self.spares) < self.spares_wanted:
             spare_id = f"{self._tag}-{next(self._serial)}"
             context = self._start(
-                0, self.envs[min(self.envs)], {ROLE_ENV: "spare", SPARE_ID_ENV: spare_id}
+                0,
+                self.envs[min(self.envs)],
+                {protocol.ROLE_ENV: protocol.ROLE_SPARE, protocol.SPARE_ID_ENV: spare_id},
             )
             self.spares.append(Spare(spare_id, context))
 
@@ -127,7 +130,10 @@ class WorkerProcesses:
         self.contexts[local_rank] = self._start(
             local_rank,
             self.envs[local_rank],
-            {ROLE_ENV: "replacement", JOIN_GENERATION_ENV: str(generation)},
+            {
+                protocol.ROLE_ENV: protocol.ROLE_REPLACEMENT,
+                protocol.JOIN_GENERATION_ENV: str(generation),
+            },
         )
 
     def poll(self) -> dict[int, ProcessFailure]:
@@ -160,10 +166,10 @@ class WorkerProcesses:
     def subprocess_handlers(self) -> dict[Any, Any]:
         handlers: dict[Any, Any] = {}
         for local_rank, context in self.contexts.items():
-            for handler in getattr(context, "subprocess_handlers", {}).values():
+            for handler in compat.subprocess_handlers(context).values():
                 handlers[local_rank] = handler
         for spare in self.spares:
-            for handler in getattr(spare.context, "subprocess_handlers", {}).values():
+            for handler in compat.subprocess_handlers(spare.context).values():
                 handlers[f"spare-{spare.spare_id}"] = handler
         return handlers
 

@@ -1,8 +1,10 @@
-"""Where checkpoints live: layout, atomic writes, verification, retention.
+"""Checkpoints as directories on a filesystem: atomic writes, verification,
+retention (:class:`DirectoryStorage`, the one implementation of
+jitckpt.storage.base.Storage).
 
 A checkpoint is a directory ``<root>/step-<N>-<kind>-a<attempt>-r<rank>``
-holding ``state.pt`` (the payload, a jitckpt.archive) and ``manifest.json``
-(written last). A sharded checkpoint (jitckpt.sharded) holds more files,
+holding ``state.pt`` (the payload, a jitckpt.state.archive) and
+``manifest.json`` (jitckpt.storage.manifest, written last). A sharded checkpoint (jitckpt.checkpoint.sharded) holds more files,
 written by several ranks into one temporary directory (:meth:`~DirectoryStorage.temporary`)
 and committed by one of them (:meth:`~DirectoryStorage.commit`), which lists
 every file with its size and checksum in the manifest. It is written under a temporary name, every file and the
@@ -12,50 +14,29 @@ mid-save leaves at most a ``.tmp-*`` directory that readers ignore and the
 next job start removes. A failed write (a full disk) removes its temporary
 directory and leaves every older checkpoint as it was.
 
-:class:`Storage` is the interface the rest of jitckpt uses;
-:class:`DirectoryStorage` implements it on a local or shared filesystem
-(the durable run directory, or host shared memory for staging). An object
-store would implement the same few methods, with a manifest object written
-last playing the part of the rename.
+It serves the durable run directory and host shared memory for staging
+alike. An object store would implement the same interface, with a manifest
+object written last playing the part of the rename.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import queue
 import shutil
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
 
 from jitckpt.errors import CheckpointError, CheckpointWriteError
+from jitckpt.storage.base import Candidate, Payload, WritePointHook
+from jitckpt.storage.manifest import MANIFEST, PAYLOAD, FileEntry, Manifest, read_manifest
 
 CHECKPOINTS_DIR = "checkpoints"
-MANIFEST = "manifest.json"
-PAYLOAD = "state.pt"
-FORMAT = "jitckpt/1"
-# Kinds, by preference when two checkpoints hold the same step.
-KINDS = ("jit", "periodic")
 _READ_CHUNK = 1 << 24
-
-# Points of a write where a crash-consistency test (and the fault injector's
-# ``save`` phase, at "payload_written") can stop the writer.
-WRITE_POINTS = ("tmp_created", "payload_half", "payload_written", "manifest_written", "renamed")
-WritePointHook = Callable[[str], None]
-
-
-class Payload(Protocol):
-    """Bytes to store, produced in pieces (jitckpt.archive.Archive)."""
-
-    size: int
-
-    def chunks(self) -> Iterable[bytes | bytearray | memoryview]: ...
 
 
 class _Bytes:
@@ -65,68 +46,6 @@ class _Bytes:
 
     def chunks(self) -> Iterable[bytes | bytearray | memoryview]:
         return (self.data,)
-
-
-@dataclass
-class Candidate:
-    """A checkpoint directory and what its manifest says (if readable)."""
-
-    path: Path
-    manifest: dict[str, Any] | None
-    problem: str | None  # why it cannot be used, if known without reading the payload
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"]) if self.manifest else -1
-
-    @property
-    def checksum(self) -> str | None:
-        """The payload's recorded checksum, as ``algorithm:hex``."""
-        if not self.manifest:
-            return None
-        return checksum_of(self.manifest["files"].get(PAYLOAD, {}))
-
-    def sort_key(self) -> tuple[int, int, int, int]:
-        m = self.manifest or {}
-        kind = KINDS.index(m["kind"]) if m.get("kind") in KINDS else len(KINDS)
-        return (-self.step, kind, -int(m.get("attempt", 0)), int(m.get("writer_rank", 0)))
-
-
-def checksum_of(entry: dict[str, Any]) -> str | None:
-    if "crc32" in entry:
-        return f"crc32:{entry['crc32']}"
-    if "sha256" in entry:
-        return f"sha256:{entry['sha256']}"
-    return None
-
-
-class Storage(Protocol):
-    """What jitckpt needs from a place that holds checkpoints."""
-
-    location: str
-
-    def write(
-        self,
-        manifest: dict[str, Any],
-        payload: Payload | bytes | bytearray,
-        on_point: WritePointHook | None = None,
-    ) -> Path: ...
-
-    def candidates(self) -> list[Candidate]: ...
-
-    def find(self, name: str) -> Candidate | None: ...
-
-    def read_verified(self, candidate: Candidate) -> bytearray: ...
-
-    def check_sizes(self, candidate: Candidate) -> None: ...
-
-    def prune(self, kind: str, keep: int, keep_from_step: int | None = None) -> list[Path]: ...
-
-    def remove_stale_temporaries(self) -> None: ...
 
 
 def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -213,18 +132,17 @@ class DirectoryStorage:
 
     def write(
         self,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         payload: Payload | bytes | bytearray,
         on_point: WritePointHook | None = None,
     ) -> Path:
         """Write one checkpoint atomically and return its directory.
-        ``manifest`` must hold kind, step, attempt and writer_rank; the file
-        table and format are added here. ``on_point(name)`` is called at each
+        The manifest's file table is filled in here. ``on_point(name)`` is called at each
         of WRITE_POINTS (fault injection and crash tests). Raises
         CheckpointWriteError (with nothing left behind) if the write fails."""
         body: Payload = _Bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
         point = on_point or (lambda _name: None)
-        name = checkpoint_name(manifest)
+        name = manifest.name
         final = self.root / name
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         try:
@@ -235,7 +153,7 @@ class DirectoryStorage:
             point("tmp_created")
             size, crc = _write_file(tmp / PAYLOAD, body, on_point)
             point("payload_written")
-            self._publish(tmp, final, manifest, {PAYLOAD: {"size": size, "crc32": crc}}, point)
+            self._publish(tmp, final, manifest, {PAYLOAD: FileEntry(size, crc)}, point)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
@@ -243,12 +161,12 @@ class DirectoryStorage:
         _fsync_path(self.root)
         return final
 
-    def temporary(self, manifest: dict[str, Any]) -> Path:
+    def temporary(self, manifest: Manifest) -> Path:
         """The temporary directory of a multi-writer checkpoint: a name every
         writer derives from the same manifest fields (kind, step, attempt,
         committing rank), so they meet there without talking. Created empty
         (a leftover of an interrupted save of the same name is removed)."""
-        tmp = self.root / f".tmp-{checkpoint_name(manifest)}-shared"
+        tmp = self.root / f".tmp-{manifest.name}-shared"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir(exist_ok=True)
@@ -256,22 +174,22 @@ class DirectoryStorage:
             raise CheckpointWriteError(self._explain(exc, tmp.name, 0)) from None
         return tmp
 
-    def commit(self, tmp: Path, manifest: dict[str, Any], payload: Payload | bytes) -> Path:
+    def commit(self, tmp: Path, manifest: Manifest, payload: Payload | bytes) -> Path:
         """Finish a multi-writer checkpoint whose other files are already in
         ``tmp`` (written and fsynced by their writers): write ``payload`` as
         state.pt, list every file with size and CRC32, write the manifest
         last, fsync, rename into place. Same guarantees as :meth:`write`."""
         body: Payload = _Bytes(payload) if isinstance(payload, (bytes, bytearray)) else payload
-        name = checkpoint_name(manifest)
+        name = manifest.name
         final = self.root / name
         try:
-            files: dict[str, dict[str, Any]] = {}
+            files: dict[str, FileEntry] = {}
             size, crc = _write_file(tmp / PAYLOAD, body)
-            files[PAYLOAD] = {"size": size, "crc32": crc}
+            files[PAYLOAD] = FileEntry(size, crc)
             for path in sorted(tmp.iterdir()):
                 if path.name in (PAYLOAD, MANIFEST) or not path.is_file():
                     continue
-                files[path.name] = {"size": path.stat().st_size, "crc32": _file_crc32(path)}
+                files[path.name] = FileEntry(path.stat().st_size, _file_crc32(path))
             self._publish(tmp, final, manifest, files, lambda _name: None)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -283,14 +201,13 @@ class DirectoryStorage:
     def _publish(
         tmp: Path,
         final: Path,
-        manifest: dict[str, Any],
-        files: dict[str, dict[str, Any]],
+        manifest: Manifest,
+        files: dict[str, FileEntry],
         point: WritePointHook,
     ) -> None:
         """The end of every write: the manifest (file table added) last, the
         directory fsynced, then renamed into place. Raises OSError."""
-        full = dict(manifest, format=FORMAT, files=files)
-        _write_file(tmp / MANIFEST, _Bytes(json.dumps(full, indent=1, sort_keys=True).encode()))
+        _write_file(tmp / MANIFEST, _Bytes(manifest.replace(files=files).to_bytes()))
         point("manifest_written")
         _fsync_path(tmp)
         if final.exists():  # the same step rewritten (a manual save twice)
@@ -303,12 +220,12 @@ class DirectoryStorage:
         which does not check them)."""
         self.check_sizes(candidate)
         assert candidate.manifest is not None
-        for name, entry in candidate.manifest["files"].items():
+        for name, entry in candidate.manifest.files.items():
             file_path = candidate.path / name
-            expected = checksum_of(entry)
+            expected = entry.checksum
             actual = (
                 f"crc32:{_file_crc32(file_path)}"
-                if expected is not None and expected.startswith("crc32:")
+                if entry.crc32 is not None
                 else _checksum(file_path.read_bytes(), expected)
             )
             if actual != expected:
@@ -356,7 +273,7 @@ class DirectoryStorage:
         """The payload's bytes, after checking size and checksum."""
         if candidate.manifest is None:
             raise CheckpointError(candidate.problem or f"{candidate.path}: no manifest")
-        entry = candidate.manifest["files"].get(PAYLOAD)
+        entry = candidate.manifest.files.get(PAYLOAD)
         file_path = candidate.path / PAYLOAD
         if entry is None:
             raise CheckpointError(f"{candidate.path / MANIFEST}: lists no {PAYLOAD}")
@@ -367,11 +284,11 @@ class DirectoryStorage:
                 got = handle.readinto(data)
         except FileNotFoundError:
             raise CheckpointError(f"{file_path}: file missing") from None
-        if got != entry["size"] or size != entry["size"]:
+        if got != entry.size or size != entry.size:
             raise CheckpointError(
-                f"{file_path}: truncated or padded: {got} bytes, manifest says {entry['size']}"
+                f"{file_path}: truncated or padded: {got} bytes, manifest says {entry.size}"
             )
-        expected = checksum_of(entry)
+        expected = entry.checksum
         actual = _checksum(data, expected)
         if actual != expected:
             raise CheckpointError(
@@ -384,15 +301,15 @@ class DirectoryStorage:
         """The cheap check: every listed file exists with its recorded size."""
         if candidate.manifest is None:
             raise CheckpointError(candidate.problem or f"{candidate.path}: no manifest")
-        for name, entry in candidate.manifest["files"].items():
+        for name, entry in candidate.manifest.files.items():
             file_path = candidate.path / name
             try:
                 size = file_path.stat().st_size
             except FileNotFoundError:
                 raise CheckpointError(f"{file_path}: file missing") from None
-            if size != entry["size"]:
+            if size != entry.size:
                 raise CheckpointError(
-                    f"{file_path}: truncated or padded: {size} bytes, manifest says {entry['size']}"
+                    f"{file_path}: truncated or padded: {size} bytes, manifest says {entry.size}"
                 )
 
     def iter_valid(self) -> Iterator[tuple[Candidate, bytearray | None, str | None]]:
@@ -421,7 +338,7 @@ class DirectoryStorage:
         ``keep_from_step`` (the step just restored) is removed."""
         usable = []
         for candidate in self.candidates():
-            if candidate.manifest is None or candidate.manifest.get("kind") != kind:
+            if candidate.manifest is None or candidate.manifest.kind != kind:
                 continue
             try:
                 self.check_sizes(candidate)
@@ -442,13 +359,6 @@ class DirectoryStorage:
         return removed
 
 
-def checkpoint_name(manifest: dict[str, Any]) -> str:
-    return (
-        f"step-{manifest['step']:09d}-{manifest['kind']}"
-        f"-a{manifest['attempt']}-r{manifest['writer_rank']}"
-    )
-
-
 def _file_crc32(path: Path) -> str:
     crc = 0
     with open(path, "rb") as handle:
@@ -462,8 +372,8 @@ def run_storage(run_dir: str | os.PathLike[str]) -> DirectoryStorage:
     return DirectoryStorage(checkpoints_dir(run_dir))
 
 
-def _checksum(data: bytes | bytearray, like: str | None) -> str:
-    if like is not None and like.startswith("sha256:"):
+def _checksum(data: bytes | bytearray, like: str) -> str:
+    if like.startswith("sha256:"):
         return "sha256:" + hashlib.sha256(data).hexdigest()
     crc = 0
     view = memoryview(data)
@@ -477,37 +387,3 @@ def _candidate(path: Path) -> Candidate:
         return Candidate(path, read_manifest(path), None)
     except CheckpointError as exc:
         return Candidate(path, None, str(exc))
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a checkpoint's manifest; raise CheckpointError."""
-    manifest_path = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{manifest_path}: manifest missing (incomplete checkpoint)"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path}: manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{manifest_path}: not a {FORMAT} manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})"
-        )
-    for key in ("kind", "step", "world_size", "files"):
-        if key not in manifest:
-            raise CheckpointError(f"{manifest_path}: manifest lacks '{key}'")
-    files = manifest["files"]
-    if (
-        not isinstance(manifest["step"], int)
-        or not isinstance(manifest["world_size"], int)
-        or not isinstance(files, dict)
-        or not all(
-            isinstance(e, dict)
-            and isinstance(e.get("size"), int)
-            and isinstance(checksum_of(e), str)
-            for e in files.values()
-        )
-    ):
-        raise CheckpointError(f"{manifest_path}: manifest fields have the wrong types (garbled)")
-    return manifest

@@ -1,5 +1,5 @@
-"""``python -m jitckpt.persist STAGED DURABLE_ROOT RUN_DIR``: copy one staged
-checkpoint to durable storage (see jitckpt.staging).
+"""``python -m jitckpt.storage.persist STAGED DURABLE_ROOT RUN_DIR``: copy one staged
+checkpoint to durable storage (see jitckpt.storage.staging).
 
 Runs as a detached process started by the saver, so it must not import
 torch (a second of start-up) and must not need the saver alive. The copy
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from jitckpt.errors import JitckptError
 from jitckpt.events import EventLog
-from jitckpt.storage.directory import DirectoryStorage, read_manifest
+from jitckpt.storage.directory import DirectoryStorage
+from jitckpt.storage.manifest import read_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if candidate is None:
             raise JitckptError(f"{args.staged}: staged checkpoint vanished before persisting")
         data = source.read_verified(candidate)
-        manifest = {
-            k: v for k, v in read_manifest(args.staged).items() if k not in ("files", "format")
-        }
-        path = DirectoryStorage(args.durable_root).write(manifest, data)
+        path = DirectoryStorage(args.durable_root).write(read_manifest(args.staged), data)
         persisted = DirectoryStorage(args.durable_root).find(path.name)
         if persisted is None or persisted.checksum != candidate.checksum:
             raise JitckptError(f"{path}: durable copy differs from the staged one")

@@ -1,0 +1,243 @@
+"""The failure path: every detector of a rank ends in one save-then-exit.
+
+A rank learns of a failure in one of four ways: an exception leaves the
+training script (its own bug, or a collective that failed because a peer
+died), SIGTERM (the launcher restarting the job, or a scheduler's
+preemption), the hang watchdog, or a sharded peer that entered its failure
+path. Each ends in :meth:`FailurePath.fail`, under one lock: log the
+detection, save the state of the last completed step, exit. Whatever goes
+wrong while saving, the process still exits: a detector thread that died
+would leave the loop frozen and the job waiting for gloo's timeout.
+
+With in-process recovery on, a hang of a peer is not this rank's failure:
+it asks the launcher to kill the hung rank, which turns the hang into an
+exit that is recovered from without restarting this process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import torch.distributed as dist
+
+from jitckpt import protocol
+from jitckpt.detect.watchdog import read_suspects
+from jitckpt.errors import CheckpointError, InjectedFault, RunDirError, exit_fatal
+from jitckpt.events import EventLog
+from jitckpt.tracker import StepTracker
+
+# How long a hang detector may spend reading heartbeats to name suspects
+# before it saves anyway.
+SUSPECTS_DEADLINE_S = 1.0
+# Substrings of errors raised by a collective whose peer died.
+COLLECTIVE_ERROR_MARKERS = (
+    "gloo",
+    "Gloo",
+    "NCCL",
+    "Connection reset",
+    "Connection closed",
+    "Broken pipe",
+)
+
+Save = Callable[[str, float | None], Path | None]
+
+
+class HungPeers(Protocol):
+    """What the failure path needs from in-process recovery."""
+
+    def pending(self) -> bool: ...
+    def request_kill(self, ranks: list[int]) -> None: ...
+
+
+def classify_exception(exc: BaseException) -> str:
+    """The detection cause of an exception that left the script:
+    ``collective_error`` (a peer died under a collective), else
+    ``exception`` (this rank's own failure, an injected one included)."""
+    if isinstance(exc, InjectedFault):
+        return "exception"
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return "collective_error"
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and any(marker in text for marker in COLLECTIVE_ERROR_MARKERS):
+        return "collective_error"
+    return "exception"
+
+
+def describe_suspects(suspects: dict[int, str]) -> str:
+    return ", ".join(f"rank {r} {kind}" for r, kind in sorted(suspects.items())) or "none named"
+
+
+class FailurePath:
+    """One rank's detectors and its single exit.
+
+    It exists from the first line of JitCheckpoint: an exception raised while
+    the run directory is checked or a checkpoint is chosen must already stop
+    the restarts (exit 78). :meth:`bind` gives it the rank and what it needs
+    to save once those exist; it saves only once :attr:`ready` is set (before
+    the first step boundary there is nothing to save, and an exception is the
+    script's to report).
+    """
+
+    def __init__(self) -> None:
+        self.rank: int | None = None
+        self.world_size = 1
+        self.events: EventLog | None = None
+        self.tracker: StepTracker | None = None
+        self._save: Save | None = None
+        # One save at a time: the first detector saves; a later one (the
+        # launcher's SIGTERM arriving while a collective error is handled, or a
+        # manual save racing SIGTERM) waits for it.
+        self.lock = threading.RLock()
+        self.ready = False
+        self.recovery: HungPeers | None = None
+        self.heartbeat_store: Any = None
+        self._previous_excepthook = sys.excepthook
+        sys.excepthook = self.on_exception
+
+    def bind(
+        self, rank: int, world_size: int, events: EventLog, tracker: StepTracker, save: Save
+    ) -> None:
+        """Args:
+        rank, world_size: this rank's place in the job.
+        events: the event log.
+        tracker: the loop's step tracker (the position a detection logs).
+        save: the JIT save, ``save(reason, wait_s)``; called under
+            :attr:`lock`, which a manual save also takes.
+        """
+        self.rank, self.world_size = rank, world_size
+        self.events, self.tracker, self._save = events, tracker, save
+
+    # -- the detectors -----------------------------------------------------------------
+    def on_exception(
+        self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, (RunDirError, CheckpointError)):
+            # No attempt can get past this: tell the launcher not to restart.
+            exit_fatal(str(exc), self.rank if self.rank is not None else os.getpid())
+        if not self.ready:
+            self._previous_excepthook(exc_type, exc, tb)
+            return
+        traceback.print_exception(exc_type, exc, tb)
+        cause = classify_exception(exc)
+        self.fail(
+            cause,
+            f"{exc_type.__name__}: {exc}",
+            protocol.EXIT_AFTER_FAILURE,
+            on_main_thread=True,
+        )
+
+    def on_signal(self, signum: int) -> None:
+        self.fail(
+            "sigterm",
+            f"received signal {signum}",
+            protocol.EXIT_SAVED_AND_STOPPED,
+            on_main_thread=False,
+        )
+
+    def on_peer_failure(self, who: str) -> None:
+        self.fail(
+            "peer_failure",
+            f"rank {who} entered its failure path",
+            protocol.EXIT_AFTER_FAILURE,
+            on_main_thread=False,
+        )
+
+    def on_hang(self, stalled_s: float, timeout_s: float) -> bool:
+        """The watchdog fired. Returns True to keep watching (in-process
+        recovery of a hung peer is under way), else the process ends."""
+        recovery = self.recovery
+        if recovery is not None and recovery.pending():
+            return True
+        assert self.events is not None and self.tracker is not None
+        suspects = self._read_suspects()
+        described = describe_suspects(suspects)
+        if recovery is not None and suspects and self.rank not in suspects:
+            # A peer hangs and this rank is healthy: have the launcher kill the
+            # peer, which turns the hang into an exit it recovers from in process.
+            self.events.emit(
+                "detect",
+                cause="hang",
+                detail=f"no progress for {stalled_s:.2f} s; suspects: {described}",
+                inprocess=True,
+                suspects={str(r): kind for r, kind in suspects.items()},
+                stalled_s=stalled_s,
+                timeout_s=timeout_s,
+                median_step_s=self.tracker.median_step_time(),
+                **self.tracker.position().as_dict(),
+            )
+            recovery.request_kill(sorted(suspects))
+            return True
+        self.fail(
+            "hang",
+            f"no progress for {stalled_s:.2f} s (timeout {timeout_s:.2f} s); suspects: {described}",
+            protocol.EXIT_AFTER_FAILURE,
+            on_main_thread=False,
+            suspects={str(r): kind for r, kind in suspects.items()},
+            stalled_s=stalled_s,
+            timeout_s=timeout_s,
+        )
+        return False
+
+    def _read_suspects(self) -> dict[int, str]:
+        """Naming suspects needs the store, whose host may be the node that
+        died: bounded, best effort, and never in the way of the save."""
+        found: dict[int, str] = {}
+        store = self.heartbeat_store
+        if store is not None and self.rank is not None:
+            rank = self.rank
+            reader = threading.Thread(
+                target=lambda: found.update(read_suspects(store, self.world_size, rank)),
+                name="jitckpt-suspects",
+                daemon=True,
+            )
+            reader.start()
+            reader.join(SUSPECTS_DEADLINE_S)
+        return dict(found)
+
+    # -- the one exit ------------------------------------------------------------------
+    def fail(
+        self, cause: str, detail: str, exit_code: int, *, on_main_thread: bool, **extra: Any
+    ) -> None:
+        assert self.events is not None and self.tracker is not None and self._save is not None
+        with self.lock:
+            try:
+                position = self.tracker.position()
+                self.events.emit(
+                    "detect",
+                    cause=cause,
+                    detail=detail[:500],
+                    **position.as_dict(),
+                    # For `jitckpt report` and `simulate --from-run`: the step
+                    # time, and when the last completed step ended.
+                    median_step_s=self.tracker.median_step_time(),
+                    since_boundary_s=self.tracker.seconds_since_boundary(),
+                    **extra,
+                )
+                if self.ready:
+                    # The training thread cannot leave its dirty window while it
+                    # runs this very handler, so don't wait for it there.
+                    self._save(cause, 0.0 if on_main_thread else None)
+                else:
+                    self.events.warn(
+                        "save_skipped", reason="failure before the first step boundary"
+                    )
+            except BaseException as exc:  # noqa: BLE001 - exiting matters more
+                try:
+                    self.events.warn("save_failed", error=f"{type(exc).__name__}: {exc}")
+                except BaseException:  # noqa: BLE001
+                    pass
+            finally:
+                try:
+                    self.events.emit("exit", code=exit_code)
+                    self.events.close()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(exit_code)

@@ -1,0 +1,201 @@
+"""Every private or undocumented torch API jitckpt relies on, in one place.
+
+jitckpt builds on torch.distributed.elastic (the launcher) and DDP (the
+worker) through their public interfaces where they have one. Where they do
+not, the access is wrapped here, so that a torch upgrade that renames or
+removes one breaks this module only, and :func:`check` (run by
+tests/unit/test_compat.py) names what broke instead of a launch failing
+obscurely. Imports are lazy: the worker side never imports the elastic
+agent, and nothing here runs at import time.
+
+Launcher side (torch.distributed.elastic, jitckpt.launch):
+
+* ``torch.distributed.launcher.api._get_addr_and_port``: the master address
+  torchrun derives from the rendezvous parameters.
+* ``local_elastic_agent.start_processes``: the one call LocalElasticAgent
+  makes to start all local workers; in-process recovery diverts it to start
+  one process context per worker.
+* ``SimpleElasticAgent``'s protected template methods and state that
+  JitAgent overrides or reads (``_start_workers``, ``_stop_workers``,
+  ``_monitor_workers``, ``_restart_workers``, ``_shutdown``, ``_pcontext``,
+  ``_remaining_restarts``); ``_shutdown(timeout=...)`` is newer than 2.11.
+* the c10d rendezvous handler's round (``_state_holder.state.round``).
+* a process context's ``subprocess_handlers`` (each worker's Popen).
+* ``DefaultLogsSpecs``'s ``_redirects`` and ``_tee``.
+* ``LaunchConfig.shutdown_timeout`` (newer than torch 2.6).
+
+Worker side (DDP, DCP):
+
+* ``DistributedDataParallel.reducer._update_process_group``: points a
+  survivor's reducer at another group after an in-process recovery.
+* ``torch.distributed.checkpoint._nested_dict.flatten_state_dict``: DCP's
+  own key flattening, so digests key tensors exactly as DCP does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# The members of SimpleElasticAgent that JitAgent overrides or calls.
+AGENT_METHODS = (
+    "_start_workers",
+    "_stop_workers",
+    "_monitor_workers",
+    "_restart_workers",
+    "_shutdown",
+)
+# Instance attributes of SimpleElasticAgent / LocalElasticAgent JitAgent reads.
+AGENT_ATTRIBUTES = ("_pcontext", "_remaining_restarts")
+
+
+# -- launcher side -------------------------------------------------------------------
+def addr_and_port(rdzv_parameters: Any) -> tuple[str | None, int | None]:
+    from torch.distributed.launcher.api import _get_addr_and_port
+
+    return _get_addr_and_port(rdzv_parameters)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def divert_start_processes(start: Callable[..., Any]) -> Iterator[None]:
+    """While active, LocalElasticAgent starts its workers with ``start``
+    (same keyword arguments as elastic's ``start_processes``)."""
+    from unittest import mock
+
+    from torch.distributed.elastic.agent.server import local_elastic_agent
+
+    with mock.patch.object(local_elastic_agent, "start_processes", start):
+        yield
+
+
+def rendezvous_round(rdzv_handler: Any) -> object:
+    """The c10d rendezvous round (changes with every membership change), or
+    "na" for a handler without one."""
+    state = getattr(getattr(rdzv_handler, "_state_holder", None), "state", None)
+    return getattr(state, "round", "na")
+
+
+def subprocess_handlers(pcontext: Any) -> dict[Any, Any]:
+    """A process context's handlers by local rank (each with ``.proc``, a
+    Popen); empty for a context that has none."""
+    return dict(getattr(pcontext, "subprocess_handlers", {}))
+
+
+def logs_spec_streams(logs_specs: Any) -> tuple[Any, Any]:
+    """The ``redirects`` and ``tee`` a DefaultLogsSpecs was built with."""
+    return logs_specs._redirects, logs_specs._tee
+
+
+def shutdown_takes_timeout(agent: Any) -> bool:
+    return "timeout" in inspect.signature(agent._shutdown).parameters
+
+
+def agent_config_extras(config: Any) -> dict[str, Any]:
+    """Keyword arguments of LocalElasticAgent that older torch lacks."""
+    return (
+        {"shutdown_timeout": config.shutdown_timeout} if hasattr(config, "shutdown_timeout") else {}
+    )
+
+
+# -- worker side ----------------------------------------------------------------------
+def repoint_reducer(ddp: Any, group: Any) -> None:
+    """Point a DDP model's reducer at ``group`` (its only remaining use of a
+    group is the bucket-rebuild broadcast)."""
+    ddp.reducer._update_process_group(group)
+
+
+def flatten_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict as flatten
+
+    flat, _mapping = flatten(state)
+    return flat  # type: ignore[no-any-return]
+
+
+# -- the check --------------------------------------------------------------------------
+def check() -> list[str]:
+    """What of the above this torch lacks (empty when all is there)."""
+    problems: list[str] = []
+
+    def need(ok: Callable[[], bool], what: str) -> None:
+        try:
+            if not ok():
+                problems.append(what)
+        except Exception as exc:  # noqa: BLE001 - an import error is the answer
+            problems.append(f"{what} ({type(exc).__name__}: {exc})")
+
+    def has(module: str, name: str) -> bool:
+        import importlib
+
+        return hasattr(importlib.import_module(module), name)
+
+    need(
+        lambda: has("torch.distributed.launcher.api", "_get_addr_and_port"),
+        "launcher.api._get_addr_and_port",
+    )
+    need(
+        lambda: has(
+            "torch.distributed.elastic.agent.server.local_elastic_agent", "start_processes"
+        ),
+        "local_elastic_agent.start_processes",
+    )
+    need(
+        lambda: has("torch.distributed.run", "get_args_parser"),
+        "torch.distributed.run.get_args_parser",
+    )
+    need(
+        lambda: has("torch.distributed.run", "config_from_args"),
+        "torch.distributed.run.config_from_args",
+    )
+
+    def agent_members() -> bool:
+        from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+        missing = [m for m in AGENT_METHODS if not callable(getattr(LocalElasticAgent, m, None))]
+        source = inspect.getsource(LocalElasticAgent) + "".join(
+            inspect.getsource(base) for base in LocalElasticAgent.__mro__[1:3]
+        )
+        missing += [a for a in AGENT_ATTRIBUTES if f"self.{a}" not in source]
+        if missing:
+            problems.append(f"SimpleElasticAgent lacks {missing}")
+        return True
+
+    need(agent_members, "SimpleElasticAgent members")
+
+    def logs_spec() -> bool:
+        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+
+        spec = DefaultLogsSpecs()
+        return (
+            hasattr(spec, "_redirects") and hasattr(spec, "_tee") and hasattr(spec, "root_log_dir")
+        )
+
+    need(logs_spec, "DefaultLogsSpecs._redirects/_tee/root_log_dir")
+
+    def rendezvous_state() -> bool:
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+        source = inspect.getsource(dynamic_rendezvous)
+        return "_state_holder" in source and "round" in source
+
+    need(rendezvous_state, "DynamicRendezvousHandler._state_holder.state.round")
+
+    def handlers() -> bool:
+        from torch.distributed.elastic.multiprocessing import api
+
+        return "self.subprocess_handlers" in inspect.getsource(api.SubprocessContext)
+
+    need(handlers, "SubprocessContext.subprocess_handlers")
+
+    def reducer() -> bool:
+        import torch
+
+        return hasattr(torch._C._distributed_c10d.Reducer, "_update_process_group")
+
+    need(reducer, "DDP Reducer._update_process_group")
+    need(
+        lambda: has("torch.distributed.checkpoint._nested_dict", "flatten_state_dict"),
+        "torch.distributed.checkpoint._nested_dict.flatten_state_dict",
+    )
+    return problems

@@ -1,0 +1,103 @@
+"""The graveyard: abandoned process groups and pending collectives, dropped
+off the training thread.
+
+A gloo group with a pending call cannot be dropped on the training thread:
+its destructor waits for the call, which only ends at the group's timeout or
+once every peer has closed its old connections (docs/platform.md, "Rules of
+in-process recovery", rule 2). A recovery therefore hands what it abandons
+to a :class:`Graveyard`, whose background thread drops each item
+``RELEASE_DELAY_S`` after it was kept, when the peers have re-formed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+# How long an item is kept before the background thread drops it: long
+# enough for every peer to have re-formed (their old connections close,
+# which ends our pending gloo call instead of waiting for the group timeout).
+RELEASE_DELAY_S = 1.0
+# How long the end of training waits for the graveyard (RELEASE_DELAY_S and
+# the drops: ~1.0-1.1 s after the last recovery here).
+SETTLE_TIMEOUT_S = 10.0
+
+
+def resource_counts() -> dict[str, int]:
+    """This process's threads (native ones included), open file descriptors
+    and resident memory (KiB): what a recovery must give back."""
+    counts = {"threads": -1, "fds": -1, "rss_kb": -1}
+    try:
+        counts["threads"] = len(os.listdir("/proc/self/task"))
+        counts["fds"] = len(os.listdir("/proc/self/fd"))
+        with open("/proc/self/statm") as handle:
+            counts["rss_kb"] = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return counts
+
+
+class Graveyard:
+    """Holds abandoned groups and pending work and drops them from a
+    background thread, never from the training thread (the module docstring).
+
+    ``on_release(what, held_s, drop_s)`` is called after each drop: how long
+    the item was held (from ``keep`` to the end of its drop) and how long the
+    drop itself blocked (a gloo group's destructor waits for its pending
+    call, which ends once the peers have closed their old connections)."""
+
+    def __init__(self, on_release: Any = None) -> None:
+        self._items: list[tuple[float, float, Any]] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._on_release = on_release or (lambda what, held_s, drop_s: None)
+
+    def keep(self, item: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._items.append((now + RELEASE_DELAY_S, now, item))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._release, name="jitckpt-graveyard", daemon=True
+                )
+                self._thread.start()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def _release(self) -> None:
+        while True:
+            with self._lock:
+                if not self._items:
+                    self._thread = None
+                    return
+                due, _, _ = self._items[0]
+            time.sleep(max(0.0, due - time.monotonic()))
+            with self._lock:
+                _, kept, item = self._items[0]
+            what = type(item[0] if isinstance(item, tuple) else item).__name__
+            dropping = time.monotonic()
+            # The list's reference is the last one: the drop happens here and
+            # may block until the pending gloo call ends.
+            with self._lock:
+                self._items.pop(0)
+            del item
+            done = time.monotonic()
+            try:
+                self._on_release(what, done - kept, done - dropping)
+            except Exception:  # noqa: BLE001 - a report must not stop the releases
+                pass
+
+    def join(self, timeout: float) -> bool:
+        """Wait until everything kept is dropped (or ``timeout``); True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return len(self) == 0
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                return len(self) == 0 and not thread.is_alive()
