@@ -25,6 +25,7 @@ import pytest
 from jobs import TAG_VAR, TINY, jitckpt_run, kill_tagged, show
 
 from jitckpt.launch import warmpool
+from jitckpt.protocol import WARMPOOL_SOCKET_ENV
 from jitckpt.testing import proctag
 
 FALLBACK_LINE = "without the warm pool"
@@ -69,9 +70,9 @@ def script(tmp_path: Path) -> Iterator[object]:
 
 def client_env(pool: warmpool.WarmPool | None, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop(warmpool.SOCKET_ENV, None)
+    env.pop(WARMPOOL_SOCKET_ENV, None)
     if pool is not None:
-        env[warmpool.SOCKET_ENV] = pool.socket_path
+        env[WARMPOOL_SOCKET_ENV] = pool.socket_path
     env.update(extra)
     return env
 
@@ -248,7 +249,7 @@ def test_fallback_without_a_zygote(script, tmp_path: Path) -> None:  # type: ign
         """
     )
     for env in (
-        client_env(None, **{warmpool.SOCKET_ENV: str(tmp_path / "missing.sock")}),
+        client_env(None, **{WARMPOOL_SOCKET_ENV: str(tmp_path / "missing.sock")}),
         client_env(None),
     ):
         proc = start_client(None, [str(path), "a"], env=env)

@@ -5,6 +5,14 @@ by whichever process saw it (workers and the launcher alike). Lines are
 written with a single ``write`` on an ``O_APPEND`` descriptor, so concurrent
 writers never interleave within a line, and each line is flushed to the
 kernel at once, so a process killed right after logging keeps its line.
+
+Every event type is in :data:`CATALOGUE` with the fields it carries, and
+writers and readers (the summary, report, simulate, benchmarks) name event
+types by this module's constants, never by string. Every event also has
+``t`` (wall-clock time) and ``event``, and a worker's events ``rank``,
+``attempt``, ``launch`` and ``pid`` (the agent's: ``rank: "agent"``).
+docs/events.md is this catalogue as a table (``python -m jitckpt.events``
+prints it; a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -15,10 +23,151 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 EVENTS_FILE = "events.jsonl"
+
+
+@dataclass(frozen=True)
+class EventType:
+    """One kind of event: who writes it, its own fields, what it means."""
+
+    name: str
+    writer: str
+    fields: tuple[str, ...]
+    doc: str
+
+
+CATALOGUE: dict[str, EventType] = {}
+
+
+def _event(name: str, writer: str, fields: str, doc: str) -> str:
+    CATALOGUE[name] = EventType(name, writer, tuple(fields.split()), doc)
+    return name
+
+
+# Fields a detection carries about where the loop was (jitckpt.tracker.Position).
+_POSITION = "completed dirty optimizer_started optimizer_finished"
+# Fields counting a process's resources (jitckpt.inprocess.graveyard.resource_counts).
+_RESOURCES = "threads fds rss_kb"
+
+# -- a worker's life -----------------------------------------------------------------
+START = _event(
+    "start", "worker", "world_size process_start signal_mechanism joined",
+    "JitCheckpoint is set up (joined: a spare or replacement joining in process)",
+)  # fmt: skip
+FRESH_START = _event("fresh_start", "worker", "", "no checkpoint to resume from: step 0")
+CHECKPOINT_REFUSED = _event(
+    "checkpoint_refused", "worker", "path reason",
+    "a checkpoint was not used on restore, and why (partial, corrupt, foreign)",
+)  # fmt: skip
+RESTORE = _event(
+    "restore", "worker", "step kind path source duration saved_world_size digest",
+    "the state was loaded (source: staged or durable; digest in deterministic mode)",
+)  # fmt: skip
+FIRST_STEP_DONE = _event(
+    "first_step_done", "worker", "step", "the first step after a resume completed"
+)
+RESOURCES = _event(
+    "resources", "worker", f"step {_RESOURCES}",
+    "threads, fds and memory two steps after start (with in-process recovery)",
+)  # fmt: skip
+LOOP_LEFT = _event(
+    "loop_left", "worker", "step", "the loop was left early (break, or an exception)"
+)
+FINISH = _event(
+    "finish", "worker", f"step median_step_s {_RESOURCES} graveyard_left",
+    "training completed its steps",
+)  # fmt: skip
+WARNING = _event("warning", "worker", "detail", "something the user should know")
+
+# -- failures and saves ------------------------------------------------------------------
+FAULT_INJECTED = _event(
+    "fault_injected", "worker", "spec kind step phase", "an injected fault fires (--inject)"
+)
+DETECT = _event(
+    "detect", "worker",
+    f"cause detail {_POSITION} median_step_s since_boundary_s inprocess suspects stalled_s "
+    "timeout_s",
+    "this rank noticed a failure (cause: exception, collective_error, sigterm, hang, "
+    "peer_failure); inprocess: a hung peer handed to in-process recovery",
+)  # fmt: skip
+SAVE = _event(
+    "save", "worker",
+    "kind step path bytes staged persister_pid duration digest writers blocked_s copy_s",
+    "a checkpoint was written (kind jit or periodic; digest in deterministic mode)",
+)  # fmt: skip
+SAVE_SKIPPED = _event("save_skipped", "worker", "reason", "no clean state to save, and why")
+SAVE_FAILED = _event("save_failed", "worker", "kind step error", "a save could not be written")
+SHARDS_WRITTEN = _event(
+    "shards_written", "worker", "kind step duration",
+    "a sharded writer wrote its shards (another rank commits)",
+)  # fmt: skip
+JIT_PLAN = _event(
+    "jit_plan", "worker", "step writers reason lost_shard",
+    "the writers of a sharded JIT checkpoint, chosen by the first rank to post",
+)  # fmt: skip
+JIT_IMPOSSIBLE = _event(
+    "jit_impossible", "worker", "reason lost_shard held_by next",
+    "no JIT checkpoint can exist (no surviving replica of a shard)",
+)  # fmt: skip
+PERIODIC_SKIPPED = _event(
+    "periodic_skipped", "worker", "step reason", "a periodic save was due but skipped"
+)
+PERIODIC_FAILED = _event(
+    "periodic_failed", "worker", "step error", "a periodic save could not be written"
+)
+EXIT = _event("exit", "worker", "code", "the failure path ends the process")
+PERSISTED = _event(
+    "persisted", "persister", "path staged bytes duration",
+    "a staged checkpoint reached the run directory",
+)  # fmt: skip
+PERSIST_FAILED = _event(
+    "persist_failed", "persister", "path error", "a staged checkpoint could not be persisted"
+)
+
+# -- the launcher --------------------------------------------------------------------------
+WORKER_FAILED = _event(
+    "worker_failed", "agent", "failed_rank exitcode worker_pid restarts_left",
+    "a worker exited with an error",
+)  # fmt: skip
+RESTART_BEGIN = _event("restart_begin", "agent", "restarts_left", "the agent restarts workers")
+RESTART = _event("restart", "agent", "duration restarts_left", "the workers were restarted")
+JOB_END = _event("job_end", "agent", "outcome status", "jitckpt run ends")
+
+# -- in-process recovery ------------------------------------------------------------------
+INPROC_BEGIN = _event(
+    "inproc_begin", "agent",
+    "generation failed_rank exitcode worker_pid replacement replacement_pid",
+    "the agent starts recovery GENERATION with a replacement (spare or fresh)",
+)  # fmt: skip
+INPROC_FALLBACK = _event(
+    "inproc_fallback", "agent", "path reason failed_ranks",
+    "in-process recovery does not apply: the restart path is taken",
+)  # fmt: skip
+INPROC_NOTICE = _event(
+    "inproc_notice", "worker", "generation dead", "a survivor saw the agent's notice"
+)
+INPROC_RECOVERED = _event(
+    "inproc_recovered", "worker",
+    "generation role step dead failure_t notice_t seen_t unblocked_t reform_s transfer_s bytes",
+    "this rank is done with recovery GENERATION (role: source, survivor, behind, "
+    "replacement)",
+)  # fmt: skip
+INPROC_STEP_DONE = _event(
+    "inproc_step_done", "worker", f"generation step {_RESOURCES}",
+    "the step after a recovery completed",
+)  # fmt: skip
+INPROC_COLLECTIVE_ABANDONED = _event(
+    "inproc_collective_abandoned", "worker", "kind",
+    "a user collective was interrupted by a recovery",
+)  # fmt: skip
+INPROC_RELEASED = _event(
+    "inproc_released", "worker", "what held_s drop_s",
+    "an abandoned group or collective was dropped by the graveyard",
+)  # fmt: skip
 
 
 class EventLog:
@@ -90,3 +239,28 @@ def _iter_events(path: Path) -> Iterator[dict[str, Any]]:
             continue
         if isinstance(record, dict):
             yield record
+
+
+def catalogue_markdown() -> str:
+    """docs/events.md: the catalogue as a table."""
+    lines = [
+        "# Events",
+        "",
+        "Every line of `RUN_DIR/events.jsonl` is one JSON object: `t` (wall-clock",
+        "time), `event` (a name below) and the event's fields. A worker's events also",
+        "carry `rank`, `attempt`, `launch` (the rendezvous run id) and `pid`; the",
+        'agent\'s carry `rank: "agent"`, the persister\'s `role: "persister"`.',
+        "Fields are present only where they apply. This table is generated from",
+        "`jitckpt.events.CATALOGUE` (`python -m jitckpt.events > docs/events.md`).",
+        "",
+        "| event | written by | fields | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for event in CATALOGUE.values():
+        fields = ", ".join(f"`{f}`" for f in event.fields) or "-"
+        lines.append(f"| `{event.name}` | {event.writer} | {fields} | {event.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(catalogue_markdown())
