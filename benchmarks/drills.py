@@ -8,13 +8,13 @@ other, each recovery measured on its own:
 * jitckpt (``kill`` or ``hang``): ``jitckpt run`` with one ``--inject`` per
   failure, the last rank failing in the backward of steps ``first``,
   ``first + gap``, ...; every failure's parts come from the event log
-  (recovery.jit_breakdown on the events of the failed attempt and the
+  (harness.jit_breakdown on the events of the failed attempt and the
   next);
 * torchrun + periodic DCP checkpoints: ``torch.distributed.run
   --max-restarts`` running benchmarks/periodic_baseline.py ``--checkpoint
   dcp``; in every attempt the benchmark SIGKILLs the last rank half a
   checkpoint interval after the checkpoint it resumed from, at a random
-  point of the step (recovery.baseline_breakdown per attempt).
+  point of the step (harness.baseline_breakdown per attempt).
 
 Every failure becomes one record: ``survived`` (the job completed a step
 after it), ``recovery_s`` (failure to the end of the first step that began
@@ -31,8 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import standalone_launch
-from recovery import (
+from harness import (
     BASELINE_LOG,
     BASELINE_WORKER,
     EXAMPLE,
@@ -42,6 +41,7 @@ from recovery import (
     jit_breakdown,
     kill_rank_at,
     read_records,
+    standalone_launch,
 )
 
 from jitckpt.events import read_events

@@ -41,8 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import standalone_launch
-from recovery import DrillError, Job, read_records, tagged_pids
+from harness import DrillError, Job, read_records, standalone_launch, tagged_pids
 
 TRAIN = Path(__file__).resolve().parent / "torchft_train.py"
 LOG_FILE = "torchft.jsonl"  # torchft_train.LOG_FILE (not imported: it needs torch)

@@ -77,7 +77,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from _common import source_state, standalone_launch
+from harness import source_state, standalone_launch
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"

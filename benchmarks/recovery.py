@@ -109,8 +109,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -121,15 +119,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import source_state, standalone_launch
-
-from jitckpt import proctag
-
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "examples" / "train_gpt.py"
-BASELINE_WORKER = Path(__file__).resolve().parent / "periodic_baseline.py"
-BASELINE_LOG = "baseline.jsonl"  # periodic_baseline.LOG_FILE
-TAG_VAR = "JITCKPT_BENCH_TAG"
+from harness import (
+    BASELINE_LOG,
+    BASELINE_WORKER,
+    EXAMPLE,
+    INPROC_PARTS,
+    DrillError,
+    Job,
+    baseline_breakdown,
+    jit_breakdown,
+    kill_rank_at,
+    kill_tagged,
+    read_records,
+    source_state,
+    standalone_launch,
+)
+from recovery_report import aggregate, report
 
 NPROC = 4
 FAIL_RANK = 2
@@ -164,33 +169,9 @@ DEFAULT_PLAN = Plan(fail_step=10, steps_after=3, save_every=20, baseline_kill_st
 QUICK_PLAN = Plan(fail_step=5, steps_after=2, save_every=4, baseline_kill_step=6)
 # Bound of one drill's job; a job still running after it counts as failed.
 DEFAULT_DRILL_TIMEOUT_S = 240.0
-# How often the baseline's log is polled for the step to kill in.
-POLL_INTERVAL_S = 0.01
-# Rounds of SIGKILL over the tagged processes during cleanup (an agent killed
-# mid-restart may have spawned a worker after the first scan).
-KILL_ROUNDS = 20
 
-JIT_PARTS = ("detection", "save", "teardown", "startup", "restore", "first_step")
-PART_LABELS = {
-    "detection": "detect",
-    "save": "save",
-    "teardown": "teardown",
-    "startup": "startup",
-    "restore": "restore",
-    "first_step": "1st step",
-}
-
-
-# In-process recovery (jitckpt.inprocess): parts as jitckpt.summary's
-# summarize_in_process names them; goals on this machine, end to end.
-INPROC_PARTS = ("detect", "unblock", "reform", "transfer", "redo")
-INPROC_LABELS = {
-    "detect": "detect",
-    "unblock": "unblock",
-    "reform": "re-form",
-    "transfer": "transfer",
-    "redo": "redo",
-}
+# In-process recovery (jitckpt.inprocess; its parts are harness.INPROC_PARTS):
+# goals on this machine, end to end.
 SPARE_GOAL_S = 0.5
 FRESH_GOAL_S = 3.0
 INPROCESS_DRILLS = 10
@@ -250,128 +231,7 @@ INPROCESS_MODES = (
 )
 
 
-def parts_of(mode: Mode) -> tuple[str, ...]:
-    return INPROC_PARTS if mode.replacement else JIT_PARTS
-
-
-class DrillError(RuntimeError):
-    """A drill that did not produce a measurement (the job failed or hung)."""
-
-
-# -- processes ------------------------------------------------------------------------
-def tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries this benchmark's tag."""
-    return proctag.tagged_pids(TAG_VAR, tag)
-
-
-def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every process with the tag, by pid, until none is left."""
-    return proctag.kill_tagged(TAG_VAR, tag, rounds=KILL_ROUNDS)
-
-
-class Job:
-    """One launcher process (and, through the tag, everything it starts),
-    output to a log file."""
-
-    def __init__(
-        self, command: list[str], tag: str, log_path: Path, env: dict[str, str] | None = None
-    ) -> None:
-        self.tag = tag
-        self.log_path = log_path
-        env = dict(os.environ, **(env or {}))
-        env[TAG_VAR] = tag
-        # Temporary files of the launcher (its control directory, the warm
-        # pool's socket) go to the drill's directory, which the benchmark
-        # removes, also when it had to SIGKILL the launcher.
-        scratch = log_path.parent / "tmp"
-        scratch.mkdir(exist_ok=True)
-        env["TMPDIR"] = str(scratch)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        env["PYTHONUNBUFFERED"] = "1"
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            command,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-
-    def wait(self, deadline: float) -> int:
-        try:
-            return self.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise DrillError("the job ran past the drill timeout") from None
-
-    def close(self) -> None:
-        kill_tagged(self.tag)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        self._log.close()
-
-    def output_tail(self, chars: int = 3000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        lines = [line for line in text.splitlines() if "set_vital" not in line]
-        return "\n".join(lines)[-chars:]
-
-
 # -- jitckpt drills -------------------------------------------------------------------
-def jit_breakdown(events: list[dict[str, Any]], failure: dict[str, Any]) -> dict[str, Any]:
-    """The parts of one jitckpt recovery (see the module docstring) from the
-    event log and jitckpt.summary's record of the failure."""
-    for key in ("detection_s", "save_s", "restart_s", "recovery_s"):
-        if failure.get(key) is None:
-            raise DrillError(f"the summary has no {key}: {failure}")
-    detects = [e for e in events if e["event"] == "detect"]
-    t_detect = min(e["t"] for e in detects)
-    t_fail = t_detect - failure["detection_s"]
-    t_saved = t_detect + failure["save_s"]
-    restart_begin = next(
-        (e for e in events if e["event"] == "restart_begin" and e["t"] >= t_fail), None
-    )
-    restart = next((e for e in events if e["event"] == "restart" and e["t"] >= t_fail), None)
-    if restart is None:
-        raise DrillError("no agent restart event after the failure")
-    t_restarted = restart["t"]
-    t_restore_begin = t_saved + failure["restart_s"]
-    restores = [e for e in events if e["event"] == "restore" and e["t"] > t_restarted]
-    t_restored = max(e["t"] for e in restores)
-    t_first_step = t_fail + failure["recovery_s"]
-    starts = [e for e in events if e["event"] == "start" and e["t"] > t_restarted]
-    parts = {
-        "detection": failure["detection_s"],
-        "save": failure["save_s"],
-        "teardown": t_restarted - t_saved,
-        "startup": t_restore_begin - t_restarted,
-        "restore": t_restored - t_restore_begin,
-        "first_step": t_first_step - t_restored,
-    }
-    hang_timeouts = [e["timeout_s"] for e in detects if e.get("cause") == "hang"]
-    first_hang = min(
-        (e for e in detects if e.get("cause") == "hang"), key=lambda e: e["t"], default=None
-    )
-    return {
-        "parts": parts,
-        "extra": {
-            # Agent: last save -> restart_begin (noticing the exits) and its
-            # own restart (stop, rendezvous, spawn).
-            "agent_notice_s": (restart_begin["t"] - t_saved) if restart_begin else None,
-            "agent_restart_s": restart.get("duration"),
-            # New processes -> the slowest one has built everything and
-            # created JitCheckpoint (imports, group, model, optimizer).
-            "spawn_to_ready_s": (max(e["t"] for e in starts) - t_restarted) if starts else None,
-            "hang_timeouts_s": hang_timeouts,
-        },
-        "hang_timeout_s": first_hang["timeout_s"] if first_hang else None,
-    }
-
-
 def run_jit_job(
     mode: Mode, plan: Plan, run_dir: Path, tag: str, timeout_s: float, launch_args: Sequence[str]
 ) -> Job:
@@ -485,116 +345,6 @@ def inproc_drill(
 
 
 # -- baseline drills ------------------------------------------------------------------
-class LogTail:
-    """Reads the JSON lines appended to a file since the last call."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def new_records(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        return [json.loads(line) for line in lines if line.strip()]
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn line of the killed rank
-    return sorted(records, key=lambda r: r["t"])
-
-
-def kill_rank_at(
-    job: Job,
-    log: Path,
-    step: int,
-    deadline: float,
-    rank: int = FAIL_RANK,
-    attempt: int = 0,
-    delay_s: float = 0.0,
-) -> float:
-    """SIGKILL ``rank`` of ``attempt`` as soon as it has logged step
-    ``step - 1`` done (plus ``delay_s``, to land at another point of step
-    ``step``); returns the wall time of the kill."""
-    tail = LogTail(log)
-    pid: int | None = None
-    while time.monotonic() < deadline:
-        for record in tail.new_records():
-            if record.get("rank") != rank or record.get("attempt") != attempt:
-                continue
-            if record["event"] == "start":
-                pid = int(record["pid"])
-            elif record["event"] == "step" and record["step"] >= step - 1:
-                if pid is None or pid not in tagged_pids(job.tag):
-                    raise DrillError(f"rank {rank}'s pid {pid} is not a process of this job")
-                time.sleep(delay_s)
-                killed_at = time.time()
-                os.kill(pid, signal.SIGKILL)
-                return killed_at
-        if job.proc.poll() is not None:
-            raise DrillError(f"the job ended (status {job.proc.returncode}) before step {step}")
-        time.sleep(POLL_INTERVAL_S)
-    raise DrillError(f"rank {rank} did not reach step {step} before the drill timeout")
-
-
-def baseline_breakdown(
-    records: list[dict[str, Any]], t_fail: float, attempt: int = 0
-) -> dict[str, Any]:
-    """The parts of one torchrun + periodic checkpoint recovery from the
-    workers' log (see the module docstring): the failure of ``attempt``."""
-    first = [r for r in records if r.get("attempt") == attempt]
-    second = [r for r in records if r.get("attempt") == attempt + 1]
-    starts = [r for r in second if r["event"] == "start"]
-    restores = [r for r in second if r["event"] == "restore"]
-    steps = [r for r in second if r["event"] == "step"]
-    if not starts or not steps:
-        raise DrillError("the restarted attempt logged no start or no step")
-    t_spawned = max(r.get("process_start") or r["t"] for r in starts)
-    if restores:
-        t_restore_begin = max(r["t"] - r["duration"] for r in restores)
-        t_restored = max(r["t"] for r in restores)
-        resumed = int(restores[0]["step"])
-    else:  # no checkpoint yet: a fresh start, nothing to load
-        fresh = [r for r in second if r["event"] == "fresh_start"]
-        t_restore_begin = t_restored = max(r["t"] for r in fresh)
-        resumed = 0
-    t_first_step = min(r["t"] for r in steps)
-    begun = max((int(r["step"]) for r in first if r["event"] == "step"), default=-1) + 1
-    regained = [r["t"] for r in steps if r["step"] == begun]
-    saves = [r["duration"] for r in first if r["event"] == "save"]
-    return {
-        "parts": {
-            "detection": None,
-            "save": None,
-            "teardown": t_spawned - t_fail,
-            "startup": t_restore_begin - t_spawned,
-            "restore": t_restored - t_restore_begin,
-            "first_step": t_first_step - t_restored,
-        },
-        "recovery_s": t_first_step - t_fail,
-        "iterations_lost": begun + 1 - resumed,
-        "regain_s": (min(regained) - t_fail) if regained else None,
-        "extra": {
-            "failed_step": begun,
-            "resumed_step": resumed,
-            "periodic_save_s": saves,
-            "spawn_to_ready_s": max(r["t"] for r in starts) - t_spawned,
-        },
-    }
-
-
 def baseline_drill(
     mode: Mode, plan: Plan, run_dir: Path, tag: str, timeout_s: float, launch_args: Sequence[str]
 ) -> dict[str, Any]:
@@ -617,7 +367,7 @@ def baseline_drill(
     job = Job(command, tag, run_dir / "output.log")
     deadline = time.monotonic() + timeout_s
     try:
-        t_fail = kill_rank_at(job, log, plan.baseline_kill_step, deadline)
+        t_fail = kill_rank_at(job, log, plan.baseline_kill_step, deadline, FAIL_RANK)
         code = job.wait(deadline)
         if code != 0:
             raise DrillError(f"torchrun exited with status {code}")
@@ -630,131 +380,6 @@ def baseline_drill(
         goal_s=None, hang_timeout_s=None, summary=None, params_m=None, warm_pool_messages=[]
     )
     return result
-
-
-# -- statistics and report ------------------------------------------------------------
-def stats(values: Sequence[float | None]) -> dict[str, float] | None:
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    return {"min": min(present), "median": statistics.median(present), "max": max(present)}
-
-
-def aggregate(drills: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per mode: min/median/max of every part and of the end-to-end time."""
-    result: dict[str, Any] = {}
-    for mode in MODES:
-        runs = [d for d in drills if d["mode"] == mode.name]
-        ok = [d for d in runs if d["ok"]]
-        entry: dict[str, Any] = {"drills": len(runs), "ok": len(ok)}
-        entry["parts"] = {p: stats([d["parts"][p] for d in ok]) for p in parts_of(mode)}
-        for key in ("recovery_s", "iterations_lost", "regain_s", "goal_s"):
-            entry[key] = stats([d[key] for d in ok])
-        with_goal = [d for d in ok if d["goal_s"] is not None]
-        entry["goal_met"] = sum(d["recovery_s"] <= d["goal_s"] for d in with_goal)
-        entry["goal_drills"] = len(with_goal)
-        result[mode.name] = entry
-    return result
-
-
-def _median(entry: dict[str, float] | None, fmt: str = "{:.2f}") -> str:
-    return "-" if entry is None else fmt.format(entry["median"])
-
-
-def _goal(mode: Mode, entry: dict[str, Any]) -> str:
-    if mode.fault is None:
-        return "none (baseline)"
-    if not entry["goal_drills"]:
-        return "-"
-    limit = entry["goal_s"]["median"]
-    met = entry["recovery_s"]["median"] <= limit
-    how = (
-        ""
-        if mode.fault == "kill" or mode.goal_s
-        else f" (timeout {limit - HANG_GOAL_MARGIN_S:.2f} + 5)"
-    )
-    return (
-        f"<= {limit:.2f} s{how}: {'met' if met else 'NOT met'}, "
-        f"{entry['goal_met']}/{entry['goal_drills']} drills"
-    )
-
-
-def _header(labels: dict[str, str], parts: Sequence[str]) -> str:
-    return (
-        f"{'mode':<23} {'ok':>4} "
-        + " ".join(f"{labels[p]:>8}" for p in parts)
-        + f" {'end-to-end (min..max)':>23} {'lost':>5}"
-    )
-
-
-def _row(mode: Mode, entry: dict[str, Any], fmt: str) -> str:
-    """A table row: mode, drills, median parts, end to end, iterations lost."""
-    recovery = entry["recovery_s"]
-    span = (
-        f"{fmt.format(recovery['median'])} "
-        f"({fmt.format(recovery['min'])}..{fmt.format(recovery['max'])})"
-        if recovery
-        else "-"
-    )
-    return (
-        f"{mode.label:<23} {entry['ok']:>2}/{entry['drills']:<1} "
-        + " ".join(f"{_median(entry['parts'][p], fmt):>8}" for p in parts_of(mode))
-        + f" {span:>23} {_median(entry['iterations_lost'], '{:g}'):>5}"
-    )
-
-
-def report(result: dict[str, Any]) -> str:
-    modes = result["modes"]
-    config = result["config"]
-    params = next((d["params_m"] for d in result["drills"] if d.get("params_m")), None)
-    model = f"example GPT ({params:.2f}M params)" if params else "example GPT"
-    lines = [
-        "",
-        f"Recovery from a failure of rank {FAIL_RANK} of {NPROC}: {model}, gloo, "
-        f"{os.cpu_count()} CPUs, jitckpt at {result['source']}",
-        f"jitckpt run {' '.join(config['jitckpt_args']) or '(default options)'}: fault in the "
-        f"{FAIL_PHASE} of step {config['fail_step']}; baseline: SIGKILL "
-        f"early in step {config['baseline_kill_step']}, checkpoint every {config['save_every']} steps",
-        "medians over the successful drills, in seconds; the parts add up to end-to-end",
-    ]
-    if any(modes[m.name]["drills"] for m in MODES if not m.replacement):
-        lines += ["", _header(PART_LABELS, JIT_PARTS) + f" {'regain':>7}  goal"]
-    for mode in MODES:
-        entry = modes[mode.name]
-        if not entry["drills"] or mode.replacement:
-            continue
-        lines.append(
-            _row(mode, entry, "{:.2f}") + f" {_median(entry['regain_s']):>7}  {_goal(mode, entry)}"
-        )
-    inproc = [m for m in MODES if m.replacement and modes[m.name]["drills"]]
-    if inproc:
-        lines += [
-            "",
-            "in-process recovery (--deterministic; survivors keep running): failure to the "
-            "next step completed by every rank",
-            _header(INPROC_LABELS, INPROC_PARTS) + "  goal",
-        ]
-    for mode in inproc:
-        entry = modes[mode.name]
-        lines.append(_row(mode, entry, "{:.3f}") + f"  {_goal(mode, entry)}")
-    lines += ["", "min / median / max per part, seconds:"]
-    for mode in MODES:
-        entry = modes[mode.name]
-        if not entry["ok"]:
-            continue
-        cells = []
-        labels = {**PART_LABELS, **INPROC_LABELS}
-        for part in (*parts_of(mode), "recovery_s"):
-            s = entry["parts"].get(part) if part != "recovery_s" else entry["recovery_s"]
-            if s is not None:
-                label = "end-to-end" if part == "recovery_s" else labels[part]
-                cells.append(f"{label} {s['min']:.2f}/{s['median']:.2f}/{s['max']:.2f}")
-        lines.append(f"  {mode.label:<23} " + ", ".join(cells))
-    failed = [d for d in result["drills"] if not d["ok"]]
-    for drill in failed:
-        first_line = drill["error"].splitlines()[0] if drill["error"] else "?"
-        lines.append(f"  FAILED {drill['mode']} drill {drill['drill']}: {first_line}")
-    return "\n".join(lines)
 
 
 # -- main -----------------------------------------------------------------------------
@@ -925,10 +550,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "drills": drills,
     }
-    result["modes"] = aggregate(drills)
+    result["modes"] = aggregate(drills, MODES)
     result["wall_s"] = time.monotonic() - started
     result["load_avg_before"], result["load_avg_after"] = load_before, os.getloadavg()[0]
-    print(report(result))
+    print(report(result, MODES))
     if result["source"] != source_before or result["source"].endswith("-dirty"):
         print(
             f"\nnote: measured an edited working tree (git describe {source_before} at the start, "

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import source_state
+from harness import source_state
 
 from jitckpt.events import EventLog
 from jitckpt.periodic import PeriodicSaver

@@ -47,10 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import overhead
-from _common import source_state
 from drills import jitckpt_job, torchrun_dcp_job
 from drills_torchft import torchft_job
-from recovery import TAG_VAR, kill_tagged
+from harness import TAG_VAR, kill_tagged, source_state
 from suite_report import aggregate, machine, markdown
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from recovery import JIT_PARTS, PART_LABELS
+from harness import JIT_PARTS, PART_LABELS
 
 # Recovery sections, their labels, and the baseline every recovery is compared with.
 SYSTEMS = {
