@@ -44,8 +44,8 @@ from harness import (
     standalone_launch,
 )
 
+from jitckpt.analysis.summary import attempt_groups, summarize
 from jitckpt.events import read_events
-from jitckpt.summary import attempt_groups, summarize
 
 FAIL_PHASE = "backward"
 

@@ -40,7 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jitckpt import proctag
+from jitckpt import events as ev
+from jitckpt.testing import proctag
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
@@ -64,7 +65,7 @@ PART_LABELS = {
 }
 
 
-# In-process recovery (jitckpt.inprocess): parts as jitckpt.summary's
+# In-process recovery (jitckpt.inprocess): parts as jitckpt.analysis.summary's
 # summarize_in_process names them.
 INPROC_PARTS = ("detect", "unblock", "reform", "transfer", "redo")
 INPROC_LABELS = {
@@ -243,27 +244,27 @@ def kill_rank_at(
 # -- breakdowns ----------------------------------------------------------------------
 def jit_breakdown(events: list[dict[str, Any]], failure: dict[str, Any]) -> dict[str, Any]:
     """The parts of one jitckpt recovery (see benchmarks/recovery.py's
-    docstring) from the event log and jitckpt.summary's record of the
+    docstring) from the event log and jitckpt.analysis.summary's record of the
     failure."""
     for key in ("detection_s", "save_s", "restart_s", "recovery_s"):
         if failure.get(key) is None:
             raise DrillError(f"the summary has no {key}: {failure}")
-    detects = [e for e in events if e["event"] == "detect"]
+    detects = [e for e in events if e["event"] == ev.DETECT]
     t_detect = min(e["t"] for e in detects)
     t_fail = t_detect - failure["detection_s"]
     t_saved = t_detect + failure["save_s"]
     restart_begin = next(
-        (e for e in events if e["event"] == "restart_begin" and e["t"] >= t_fail), None
+        (e for e in events if e["event"] == ev.RESTART_BEGIN and e["t"] >= t_fail), None
     )
-    restart = next((e for e in events if e["event"] == "restart" and e["t"] >= t_fail), None)
+    restart = next((e for e in events if e["event"] == ev.RESTART and e["t"] >= t_fail), None)
     if restart is None:
         raise DrillError("no agent restart event after the failure")
     t_restarted = restart["t"]
     t_restore_begin = t_saved + failure["restart_s"]
-    restores = [e for e in events if e["event"] == "restore" and e["t"] > t_restarted]
+    restores = [e for e in events if e["event"] == ev.RESTORE and e["t"] > t_restarted]
     t_restored = max(e["t"] for e in restores)
     t_first_step = t_fail + failure["recovery_s"]
-    starts = [e for e in events if e["event"] == "start" and e["t"] > t_restarted]
+    starts = [e for e in events if e["event"] == ev.START and e["t"] > t_restarted]
     parts = {
         "detection": failure["detection_s"],
         "save": failure["save_s"],

@@ -79,6 +79,8 @@ from typing import Any
 
 from harness import source_state, standalone_launch
 
+from jitckpt import events as ev
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 MODES = ("bare", "jitckpt")
@@ -214,7 +216,7 @@ def jitckpt_blocking(run_dir: Path) -> list[float]:
     return [
         e["blocked_s"]
         for e in read_events(run_dir)
-        if e.get("event") == "save" and e.get("kind") == "periodic"
+        if e.get("event") == ev.SAVE and e.get("kind") == "periodic"
     ]
 
 
@@ -387,7 +389,7 @@ def jitckpt_detections(run_root: Path) -> list[str]:
     lines = []
     for run_dir in sorted(run_root.glob("*")):
         for event in read_events(run_dir):
-            if event.get("event") in ("detect", "save_skipped", "warning"):
+            if event.get("event") in (ev.DETECT, ev.SAVE_SKIPPED, ev.WARNING):
                 fields = ", ".join(
                     f"{key}={event[key]}"
                     for key in ("rank", "cause", "detail", "reason")

@@ -18,7 +18,7 @@ checkpointing does to survive failures:
 * every rank resumes from the newest complete checkpoint on start;
 * the process group is built over ``PrefixStore(f"attempt_{N}", TCPStore
   client)``: a plain ``init_process_group("gloo")`` fails on torchrun's
-  restarts (PLATFORM.md, "torchrun (elastic agent) behaviour").
+  restarts (docs/platform.md, "Restarts under torchrun share one store").
 
 Nothing handles SIGTERM: a rank blocked in gloo dies of the signal's default
 action, so torchrun's fixed 30 s SIGKILL grace never comes into play.
@@ -130,8 +130,8 @@ def lr_lambda(total: int) -> Callable[[int], float]:
 
 
 def init_process_group() -> None:
-    """gloo over a key space private to this torchrun attempt (PLATFORM.md:
-    the agent's store outlives restarts, and a second attempt's plain
+    """gloo over a key space private to this torchrun attempt (docs/platform.md,
+    "Restarts under torchrun share one store": the agent's store outlives restarts, and a second attempt's plain
     init_process_group finds the first attempt's keys and fails)."""
     import torch.distributed as dist
 

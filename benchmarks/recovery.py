@@ -21,7 +21,7 @@ in the machine's load touches all of them alike):
   (and ignores SIGTERM) in the backward of step S, so only jitckpt's watchdog
   can notice;
   both run ``jitckpt run`` with its default options (which fork workers
-  from a warm process when jitckpt.warmpool exists) plus any --jitckpt-arg;
+  from a warm process when jitckpt.launch.warmpool exists) plus any --jitckpt-arg;
 * ``torchrun-periodic-kill``: the baseline, plain ``torch.distributed.run
   --max-restarts 3`` running benchmarks/periodic_baseline.py (the same model,
   data and optimizer; rank 0 torch.saves a checkpoint every --save-every
@@ -41,7 +41,7 @@ SIGKILLed in the backward of step S as above:
 
 An in-process drill measures from the fault (``fault_injected``) to the
 step after the recovery completed by every rank (``inproc_step_done``), with
-jitckpt.summary's parts: detect (until the agent's notice), unblock (until
+jitckpt.analysis.summary's parts: detect (until the agent's notice), unblock (until
 the last survivor left the broken all-reduce), re-form and transfer (the
 slowest rank's), redo (the step redone, until the last rank completed the
 next one). Goals on this machine: hot spare <= 0.5 s, fresh spawn <= 3 s. A
@@ -66,7 +66,7 @@ telescoping so that they add up exactly to the end-to-end time:
 * first step: -> the first rank completes the first step after the resume
   (``first_step_done``).
 
-detection, save and end-to-end (``recovery_s``) are jitckpt.summary's
+detection, save and end-to-end (``recovery_s``) are jitckpt.analysis.summary's
 numbers; its ``restart_s`` equals teardown + startup. Its ``restore_s`` (the
 slowest rank's own restore duration, in the raw JSON) differs from the part
 above, which runs from the last rank's restore start to the last rank's
@@ -135,6 +135,8 @@ from harness import (
     standalone_launch,
 )
 from recovery_report import aggregate, report
+
+from jitckpt import events as ev
 
 NPROC = 4
 FAIL_RANK = 2
@@ -272,8 +274,8 @@ def _params_m(output: str) -> float | None:
 def jit_drill(
     mode: Mode, plan: Plan, run_dir: Path, tag: str, timeout_s: float, launch_args: Sequence[str]
 ) -> dict[str, Any]:
+    from jitckpt.analysis.summary import summarize
     from jitckpt.events import read_events
-    from jitckpt.summary import summarize
 
     job = run_jit_job(mode, plan, run_dir, tag, timeout_s, launch_args)
     events = read_events(run_dir / "run")
@@ -311,15 +313,15 @@ def inproc_drill(
 ) -> dict[str, Any]:
     """An in-process recovery: from the fault (``fault_injected``) to the
     last rank's completion of the step after the recovery
-    (``inproc_step_done``), with jitckpt.summary's parts (they overlap a
+    (``inproc_step_done``), with jitckpt.analysis.summary's parts (they overlap a
     little: re-form and transfer are each the slowest rank's)."""
+    from jitckpt.analysis.summary import summarize, summarize_in_process
     from jitckpt.events import read_events
-    from jitckpt.summary import summarize, summarize_in_process
 
     job = run_jit_job(mode, plan, run_dir, tag, timeout_s, launch_args)
     events = read_events(run_dir / "run")
     if summarize(events):
-        reasons = [e.get("reason") for e in events if e["event"] == "inproc_fallback"]
+        reasons = [e.get("reason") for e in events if e["event"] == ev.INPROC_FALLBACK]
         raise DrillError(f"the failure took the restart path ({reasons})")
     recoveries = summarize_in_process(events)
     if len(recoveries) != 1 or recoveries[0]["recovery_s"] is None:

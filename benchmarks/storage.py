@@ -14,7 +14,7 @@ What it measures, on one process (1 thread, like one rank):
   (one write + fsync), the bound the hardware sets. Ratio = save throughput
   / plain-copy throughput. Goal: staged save >= 0.5.
 * Periodic backstop blocking: the training loop's blocking time for one
-  asynchronous periodic save (jitckpt.periodic.PeriodicSaver: copies made
+  asynchronous periodic save (jitckpt.checkpoint.periodic.PeriodicSaver: copies made
   while the next forward and backward run, optimizer.step() waits for the
   copy), during a real training iteration of the model, against a
   synchronous torch.save of the same state to disk. Ratio = blocking /
@@ -43,10 +43,10 @@ from typing import Any
 import torch
 from harness import source_state
 
+from jitckpt.checkpoint.periodic import PeriodicSaver
 from jitckpt.events import EventLog
-from jitckpt.periodic import PeriodicSaver
-from jitckpt.state import TrainingState
-from jitckpt.storage import DirectoryStorage
+from jitckpt.state.training import TrainingState
+from jitckpt.storage.directory import DirectoryStorage
 
 
 def build(width: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -6,7 +6,8 @@
 
 Everything runs on this machine, the example GPT (examples/train_gpt.py,
 0.87M parameters, AdamW, its LR schedule and data) at --ranks data-parallel
-replicas (2 by default: torchft's setting in PLATFORM.md, and 2 cores), and
+replicas (2 by default: torchft's setting in docs/platform.md, "Peer systems
+measured on the same machine", and 2 cores), and
 every figure comes with its baseline measured in the same command:
 
 1. steady state: step time of the loop with jitckpt against the bare loop

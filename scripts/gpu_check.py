@@ -2,7 +2,7 @@
 
     python scripts/gpu_check.py [--out DIR]
 
-1. State capture while the compute stream is blocked (jitckpt.gpu), in one
+1. State capture while the compute stream is blocked (jitckpt.checkpoint.gpu), in one
    process: a spin kernel (torch.cuda._sleep) stands for a collective that
    never completes.
    a. blocked after the optimizer update of step 3 (a collective placed

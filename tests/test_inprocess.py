@@ -137,7 +137,8 @@ def test_failure_during_recovery_falls_back_to_restart(
 
 
 # Resource hygiene: the stated margin. One abandoned gloo group kept alive
-# costs +3 threads and +7 fds here (PLATFORM.md), so one leaked group, let
+# costs +3 threads and +7 fds here (docs/platform.md, "Three rules: locks,
+# dropping groups, private copies"), so one leaked group, let
 # alone ten, exceeds it.
 THREAD_MARGIN = 1
 FD_MARGIN = 2

@@ -1,4 +1,4 @@
-"""The warm process pool (jitckpt.warmpool): a client runs a script through a
+"""The warm process pool (jitckpt.launch.warmpool): a client runs a script through a
 zygote and behaves, to whoever started it, like the worker itself: same
 output, exit status, death by signal, signals passed on; the worker dies with
 its client; without a zygote the client starts the script itself.

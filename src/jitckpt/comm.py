@@ -3,15 +3,17 @@
 Default DDP is not bitwise reproducible across a resume: its first iteration
 buckets gradients in parameter order, later ones in gradient-ready order,
 and gloo's ring sums each element in an order that depends on its offset in
-the bucket (PLATFORM.md: a resumed 4-rank run differed by 6e-8; all-reducing
-each gradient separately fixed it). The deterministic hook reduces all
+the bucket (docs/platform.md, "Bitwise-identical runs and DDP's bucket
+order": a resumed 4-rank run differed by 6e-8; all-reducing each gradient
+separately fixed it). The deterministic hook reduces all
 gradients in one flat buffer in parameter order, so each element's offset,
 and so its summation order, no longer depends on the bucket layout; one
 collective per step is also far faster on gloo than one per tensor.
 
 Both hooks call ``on_bucket()`` as each bucket's all-reduce is launched: the
 hang watchdog counts it as progress (a rank hung in backward has launched
-fewer buckets than its peers: PLATFORM.md) and the fault injector fires its
+fewer buckets than its peers: docs/platform.md, "Detecting a hang and
+naming the hung rank") and the fault injector fires its
 ``allreduce`` phase there. (No ``from __future__ import annotations`` here:
 DDP checks the hook's annotations at runtime and rejects string ones.)
 """
@@ -29,7 +31,7 @@ BucketCallback = Callable[[], None]
 
 class Recovery(Protocol):
     """What the deterministic hook needs from in-process recovery
-    (jitckpt.inprocess.InProcessRecovery)."""
+    (jitckpt.inprocess.recovery.InProcessRecovery)."""
 
     def pending(self) -> bool: ...
     def add_waiter(self, event: threading.Event) -> None: ...
@@ -54,7 +56,7 @@ class CanonicalAllreduce:
 
     With ``recovery`` the hook also survives a dead peer: it waits on the
     all-reduce from Python, so a recovery notice wakes it even when gloo
-    never returns (nothing cancels a pending gloo call: PLATFORM.md), hands
+    never returns (docs/platform.md, "Nothing cancels a pending gloo call"), hands
     over to ``recovery`` (new group, state to the replacement), and reduces
     again on the new group. The training thread never sees an error and the
     script's loop needs no change. ``step()`` says which step is in flight.
@@ -80,8 +82,9 @@ class CanonicalAllreduce:
         self.on_bucket()
         future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         self.pending.append((bucket, future))
-        # then(): C++ gets a real error from a failed wait (PLATFORM.md: a raw
-        # set_exception value only fails by a cast error).
+        # then(): C++ gets a real error from a failed wait (a raw set_exception
+        # value only fails by a cast error: docs/platform.md, "Unblocking
+        # backward with a future jitckpt owns").
         result = future.then(lambda f: f.wait())
         if not bucket.is_last():
             return result

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jitckpt import events as ev
 from jitckpt import protocol
 from jitckpt.errors import FaultSpecError, InjectedFault
 
@@ -128,7 +129,7 @@ class Injector:
 
     def _fire(self, spec: FaultSpec) -> None:
         self.events.emit(
-            "fault_injected", spec=str(spec), kind=spec.kind, step=spec.step, phase=spec.phase
+            ev.FAULT_INJECTED, spec=str(spec), kind=spec.kind, step=spec.step, phase=spec.phase
         )
         if spec.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

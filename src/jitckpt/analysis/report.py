@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jitckpt import events as ev
 from jitckpt.analysis.plotting import PlotUnavailable, pyplot
 from jitckpt.analysis.summary import format_summary, summarize_in_process
 from jitckpt.analysis.timeline import PHASES, build
@@ -169,7 +170,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(report_json(dict(report, in_process=summarize_in_process(events))))
     else:
-        ends = [e for e in events if e["event"] == "job_end"]
+        ends = [e for e in events if e["event"] == ev.JOB_END]
         print(format_summary(args.run_dir, ends[-1]["outcome"] if ends else None))
         print(format_timeline(report))
     if args.plot:

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from jitckpt import events as ev
 from jitckpt.analysis import montecarlo
 from jitckpt.analysis.costmodel import (
     HOUR_S,
@@ -137,7 +138,7 @@ def measured_inputs(run_dir: str | Path) -> dict[str, float]:
     step_times = [
         e["median_step_s"]
         for e in events
-        if e["event"] in ("finish", "detect") and e.get("median_step_s")
+        if e["event"] in (ev.FINISH, ev.DETECT) and e.get("median_step_s")
     ]
     if step_times:
         found["iteration_s"] = statistics.median(step_times)

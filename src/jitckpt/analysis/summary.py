@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from jitckpt import events as ev
 from jitckpt.events import read_events
 
 
@@ -43,12 +44,12 @@ def attempt_groups(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         key = (event.get("launch"), event["attempt"])
         group = current.get(key)
         # A replacement that joins in process (jitckpt.inprocess) is not a new attempt.
-        restarted = event["event"] == "start" and not event.get("joined")
+        restarted = event["event"] == ev.START and not event.get("joined")
         if group is None or (restarted and event.get("rank") in group[1]):
             group = ([], set())
             current[key] = group
             groups.append(group[0])
-        if event["event"] == "start":
+        if event["event"] == ev.START:
             group[1].add(event.get("rank"))
         group[0].append(event)
     return groups
@@ -59,11 +60,11 @@ def _claimed_in_process(events: list[dict[str, Any]]) -> set[int]:
     replaced process logged about its failure, and survivors' in-process
     detections. What is left is the restart path's."""
     claimed = {i for i, e in enumerate(events) if e.get("inprocess")}
-    for begin in (e for e in events if e["event"] == "inproc_begin"):
+    for begin in (e for e in events if e["event"] == ev.INPROC_BEGIN):
         starts = [
             e
             for e in events
-            if e["event"] == "start"
+            if e["event"] == ev.START
             and e.get("rank") == begin["failed_rank"]
             and e["t"] <= begin["t"]
         ]
@@ -74,7 +75,7 @@ def _claimed_in_process(events: list[dict[str, Any]]) -> set[int]:
             i
             for i, e in enumerate(events)
             if e.get("pid") == pid
-            and e["event"] in ("fault_injected", "detect", "save", "save_skipped", "exit")
+            and e["event"] in (ev.FAULT_INJECTED, ev.DETECT, ev.SAVE, ev.SAVE_SKIPPED, ev.EXIT)
             and e["t"] <= begin["t"]
         }
     return claimed
@@ -87,26 +88,26 @@ def summarize_in_process(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (new group), transfer (state and gradients to the ranks behind), redo
     (until every rank completed the step after the recovery)."""
     records = []
-    for begin in (e for e in events if e["event"] == "inproc_begin"):
+    for begin in (e for e in events if e["event"] == ev.INPROC_BEGIN):
         generation = begin["generation"]
         recovered = [
             e
             for e in events
-            if e["event"] == "inproc_recovered"
+            if e["event"] == ev.INPROC_RECOVERED
             and e["generation"] == generation
             and begin["t"] - 1 <= e["t"]
         ]
         done = [
             e
             for e in events
-            if e["event"] == "inproc_step_done"
+            if e["event"] == ev.INPROC_STEP_DONE
             and e["generation"] == generation
             and e["t"] >= begin["t"]
         ]
         injected = [
             e
             for e in events
-            if e["event"] == "fault_injected"
+            if e["event"] == ev.FAULT_INJECTED
             and e.get("rank") == begin["failed_rank"]
             and begin["t"] - 30 <= e["t"] <= begin["t"]
         ]
@@ -148,12 +149,12 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     events = [e for i, e in enumerate(events) if i not in claimed]
     attempts = attempt_groups(events)
     # Agent events carry no attempt: attach worker failures by time.
-    agent_failures = [e for e in events if e["event"] == "worker_failed"]
+    agent_failures = [e for e in events if e["event"] == ev.WORKER_FAILED]
     failures = []
     for index, evs in enumerate(attempts):
         attempt = evs[0]["attempt"]
-        detects = [e for e in evs if e["event"] == "detect"]
-        injected = [e for e in evs if e["event"] == "fault_injected"]
+        detects = [e for e in evs if e["event"] == ev.DETECT]
+        injected = [e for e in evs if e["event"] == ev.FAULT_INJECTED]
         if not detects and not injected:
             continue
         attempt_start = min(e["t"] for e in evs)
@@ -168,12 +169,12 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # JIT saves only: a periodic save earlier in the attempt is not part
         # of the recovery (with a sharded model that lost a shard it is the
         # only save, and would make the save duration negative).
-        saves = [e for e in evs if e["event"] == "save" and e.get("kind") != "periodic"]
-        impossible = _first(evs, "jit_impossible")
-        restores = [e for e in nxt if e["event"] == "restore"]
-        starts = [e["process_start"] or e["t"] for e in nxt if e["event"] == "start"]
+        saves = [e for e in evs if e["event"] == ev.SAVE and e.get("kind") != "periodic"]
+        impossible = _first(evs, ev.JIT_IMPOSSIBLE)
+        restores = [e for e in nxt if e["event"] == ev.RESTORE]
+        starts = [e["process_start"] or e["t"] for e in nxt if e["event"] == ev.START]
         restore_begins = [e["t"] - e["duration"] for e in restores]
-        first_step = _first(nxt, "first_step_done")
+        first_step = _first(nxt, ev.FIRST_STEP_DONE)
         begun = [int(e["completed"]) for e in detects] + [int(e["step"]) for e in injected]
         resumed = restores[0]["step"] if restores else None
         last_save_t = max((e["t"] for e in saves), default=attempt_end)
@@ -187,7 +188,8 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # Ranks that died without jitckpt's orderly exit (survivors that
             # saved and exited are not failures).
             "failed_ranks": sorted(
-                {e["failed_rank"] for e in exits} - {e["rank"] for e in evs if e["event"] == "exit"}
+                {e["failed_rank"] for e in exits}
+                - {e["rank"] for e in evs if e["event"] == ev.EXIT}
             )
             or sorted({e["rank"] for e in injected}),
             "detections": [
@@ -210,7 +212,7 @@ def summarize(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else None,
             "recovery_s": (first_step["t"] - failure_t) if first_step else None,
             # Why no JIT checkpoint could be written (a sharded model lost
-            # every replica of a shard: jitckpt.sharded).
+            # every replica of a shard: jitckpt.checkpoint.sharded).
             "jit_impossible": impossible["reason"] if impossible else None,
         }
         failures.append(record)

@@ -31,6 +31,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from jitckpt import events as ev
 from jitckpt.analysis.summary import attempt_groups, summarize
 
 PHASES = (
@@ -64,7 +65,7 @@ def _attempt_start(evs: list[dict[str, Any]]) -> float:
     starts = [
         e["t"] if e.get("process_start") is None else e["process_start"]
         for e in evs
-        if e["event"] == "start"
+        if e["event"] == ev.START
     ]
     return min(starts or [e["t"] for e in evs])
 
@@ -72,10 +73,10 @@ def _attempt_start(evs: list[dict[str, Any]]) -> float:
 def _start_step(evs: list[dict[str, Any]]) -> int | None:
     """Step the attempt began at: its restore's, 0 on a fresh start, None
     when no rank got that far."""
-    restores = [e for e in evs if e["event"] == "restore"]
+    restores = [e for e in evs if e["event"] == ev.RESTORE]
     if restores:
         return int(restores[0]["step"])
-    return 0 if any(e["event"] == "fresh_start" for e in evs) else None
+    return 0 if any(e["event"] == ev.FRESH_START for e in evs) else None
 
 
 def _boundary_time(
@@ -84,7 +85,7 @@ def _boundary_time(
     """When the attempt's loop passed the boundary of ``step``: logged by
     detectors (since_boundary_s) or at the finish; else estimated from the
     median step time, else by sharing the training span among the steps."""
-    finishes = [e for e in evs if e["event"] == "finish" and e.get("step") == step]
+    finishes = [e for e in evs if e["event"] == ev.FINISH and e.get("step") == step]
     if finishes:
         return max(e["t"] for e in finishes)
     if step <= start_step:
@@ -92,7 +93,7 @@ def _boundary_time(
     logged = [
         e["t"] - e["since_boundary_s"]
         for e in evs
-        if e["event"] == "detect"
+        if e["event"] == ev.DETECT
         and e.get("completed") == step
         and e.get("since_boundary_s") is not None
     ]
@@ -100,7 +101,7 @@ def _boundary_time(
         estimate = max(logged)  # the step ends when its slowest rank passes it
     else:
         step_times = [e["median_step_s"] for e in evs if e.get("median_step_s")]
-        begun = max([int(e["completed"]) for e in evs if e["event"] == "detect"] or [step])
+        begun = max([int(e["completed"]) for e in evs if e["event"] == ev.DETECT] or [step])
         if step_times:
             estimate = loop_start + (step - start_step) * statistics.median(step_times)
         else:
@@ -115,7 +116,7 @@ def build(events: list[dict[str, Any]]) -> dict[str, Any]:
     failures = summarize(events)
     by_group = {f["attempt_group"]: f for f in failures}
     groups = attempt_groups(events)
-    job_ends = {e.get("launch"): e["t"] for e in events if e["event"] == "job_end"}
+    job_ends = {e.get("launch"): e["t"] for e in events if e["event"] == ev.JOB_END}
     starts = [_start_step(evs) for evs in groups]
     attempts: list[dict[str, Any]] = []
     walls: dict[Any, list[float]] = {}  # launch -> [first start, end]
@@ -128,10 +129,10 @@ def build(events: list[dict[str, Any]]) -> dict[str, Any]:
         end = _attempt_start(nxt) if (nxt is not None and same_launch_next) else launch_end
         failure = by_group.get(index)
         start_step = starts[index]
-        loop_marks = _times(evs, "restore") + _times(evs, "fresh_start")
+        loop_marks = _times(evs, ev.RESTORE) + _times(evs, ev.FRESH_START)
         loop_start = max(loop_marks) if loop_marks else None
-        restore_begins = [e["t"] - e["duration"] for e in evs if e["event"] == "restore"]
-        finished = [e for e in evs if e["event"] == "finish"]
+        restore_begins = [e["t"] - e["duration"] for e in evs if e["event"] == ev.RESTORE]
+        finished = [e for e in evs if e["event"] == ev.FINISH]
         if failure is not None:
             training_end = failure["failure_t"]
         elif finished:
@@ -144,7 +145,7 @@ def build(events: list[dict[str, Any]]) -> dict[str, Any]:
         elif finished:
             kept_upto = int(finished[0]["step"])
         else:
-            kept_upto = max((int(e["step"]) for e in evs if e["event"] == "save"), default=-1)
+            kept_upto = max((int(e["step"]) for e in evs if e["event"] == ev.SAVE), default=-1)
         marks: list[tuple[str, float]] = []
         if loop_start is not None and start_step is not None:
             kept_upto = max(kept_upto, start_step)
@@ -158,8 +159,8 @@ def build(events: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             marks.append(("startup", training_end))
         if failure is not None:
-            detects = _times(evs, "detect")
-            saves = _times(evs, "save")
+            detects = _times(evs, ev.DETECT)
+            saves = _times(evs, ev.SAVE)
             first_detect = min(detects, default=training_end)
             marks += [
                 ("detection", first_detect),

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from jitckpt import events as ev
 from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.gpu import DeviceSteps, SideStreamCopy, on_cuda
 from jitckpt.checkpoint.periodic import PeriodicSaver
@@ -196,4 +197,4 @@ class DdpLayout:
                     if parameter.requires_grad:
                         parameter.register_post_accumulate_grad_hook(count_gradient)
         elif ctx.world_size > 1:
-            ctx.events.emit("warning", detail="model is not DistributedDataParallel")
+            ctx.events.emit(ev.WARNING, detail="model is not DistributedDataParallel")

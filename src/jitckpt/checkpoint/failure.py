@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
+from jitckpt import events as ev
 from jitckpt import protocol
 from jitckpt.detect.watchdog import read_suspects
 from jitckpt.errors import CheckpointError, InjectedFault, RunDirError, exit_fatal
@@ -162,7 +163,7 @@ class FailurePath:
             # A peer hangs and this rank is healthy: have the launcher kill the
             # peer, which turns the hang into an exit it recovers from in process.
             self.events.emit(
-                "detect",
+                ev.DETECT,
                 cause="hang",
                 detail=f"no progress for {stalled_s:.2f} s; suspects: {described}",
                 inprocess=True,
@@ -210,7 +211,7 @@ class FailurePath:
             try:
                 position = self.tracker.position()
                 self.events.emit(
-                    "detect",
+                    ev.DETECT,
                     cause=cause,
                     detail=detail[:500],
                     **position.as_dict(),
@@ -226,16 +227,16 @@ class FailurePath:
                     self._save(cause, 0.0 if on_main_thread else None)
                 else:
                     self.events.warn(
-                        "save_skipped", reason="failure before the first step boundary"
+                        ev.SAVE_SKIPPED, reason="failure before the first step boundary"
                     )
             except BaseException as exc:  # noqa: BLE001 - exiting matters more
                 try:
-                    self.events.warn("save_failed", error=f"{type(exc).__name__}: {exc}")
+                    self.events.warn(ev.SAVE_FAILED, error=f"{type(exc).__name__}: {exc}")
                 except BaseException:  # noqa: BLE001
                     pass
             finally:
                 try:
-                    self.events.emit("exit", code=exit_code)
+                    self.events.emit(ev.EXIT, code=exit_code)
                     self.events.close()
                     sys.stdout.flush()
                     sys.stderr.flush()

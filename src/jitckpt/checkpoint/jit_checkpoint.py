@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt import attempt, protocol
+from jitckpt import events as ev
 from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.failure import FailurePath
 from jitckpt.checkpoint.gpu import on_cuda
@@ -288,7 +289,7 @@ class JitCheckpoint:
             # runs, so the failure path must stay armed). Only hang detection
             # stops: nothing after the loop is a training step.
             self._stop_watching()
-            self.ctx.events.emit("loop_left", step=step)
+            self.ctx.events.emit(ev.LOOP_LEFT, step=step)
             raise
         # Resources after every recovery's leftovers are dropped, counted
         # before the side threads stop (as the baseline was).
@@ -300,7 +301,7 @@ class JitCheckpoint:
         self.failure.ready = False
         signals.set_callback(None)
         self.ctx.events.emit(
-            "finish", step=total, median_step_s=self.ctx.tracker.median_step_time(), **resources
+            ev.FINISH, step=total, median_step_s=self.ctx.tracker.median_step_time(), **resources
         )
 
     def _stop_watching(self) -> None:
@@ -358,9 +359,9 @@ class JitCheckpoint:
             if step == self.start_step + 2:
                 # The baseline of this process's threads and fds: side
                 # threads started, DDP's buckets rebuilt (second forward).
-                ctx.events.emit("resources", step=step, **resource_counts())
+                ctx.events.emit(ev.RESOURCES, step=step, **resource_counts())
         if self._resumed and step == self.start_step + 1:
-            ctx.events.emit("first_step_done", step=step)
+            ctx.events.emit(ev.FIRST_STEP_DONE, step=step)
             self.restorer.after_first_step(self.start_step)
         self.layout.after_boundary(step, snapshot, self.start_step)
         ctx.injector.at("data", step)
@@ -377,7 +378,7 @@ class JitCheckpoint:
             control.record_pid(ctx.rank, os.getpid())
             control.record_run_dir(ctx.run_dir, overwrite=ctx.rank == 0)
         ctx.events.emit(
-            "start",
+            ev.START,
             world_size=ctx.world_size,
             process_start=_process_start_time(),
             signal_mechanism=signals.mechanism(),

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from jitckpt import events as ev
 from jitckpt.state.archive import Archive
 from jitckpt.state.training import clone_tensors
 from jitckpt.storage.base import Storage
@@ -106,7 +107,7 @@ class PeriodicSaver:
         """
         if self._writer is not None and self._writer.is_alive():
             self.events.emit(
-                "periodic_skipped", step=step, reason="previous periodic save still writing"
+                ev.PERIODIC_SKIPPED, step=step, reason="previous periodic save still writing"
             )
             return
         started = time.monotonic()
@@ -154,7 +155,7 @@ class PeriodicSaver:
             self._failed(step, exc)
             return
         self.events.emit(
-            "save",
+            ev.SAVE,
             kind="periodic",
             step=step,
             path=str(path),
@@ -166,7 +167,7 @@ class PeriodicSaver:
         self.storage.prune("periodic", self.keep)
 
     def _failed(self, step: int, exc: Exception) -> None:
-        self.events.emit("periodic_failed", step=step, error=f"{type(exc).__name__}: {exc}")
+        self.events.emit(ev.PERIODIC_FAILED, step=step, error=f"{type(exc).__name__}: {exc}")
         print(f"jitckpt: periodic checkpoint of step {step} failed: {exc}", flush=True)
 
     def wait(self, timeout: float | None = None) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from jitckpt import attempt, protocol
+from jitckpt import events as ev
 from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.layout import Layout, check
 from jitckpt.errors import CheckpointError, CheckpointMismatchError, JitckptError
@@ -101,7 +102,7 @@ class Restorer:
         started = time.monotonic()
         chosen, payload = self._choose()
         if chosen is None:
-            ctx.events.emit("fresh_start")
+            ctx.events.emit(ev.FRESH_START)
             return 0
         path, manifest = chosen.path, chosen.manifest
         assert manifest is not None
@@ -134,7 +135,7 @@ class Restorer:
                 rng.reseed(torch.initial_seed(), manifest.step, ctx.rank)
         step = int(payload["step"])
         ctx.events.emit(
-            "restore",
+            ev.RESTORE,
             step=step,
             kind=manifest.kind,
             path=str(path),
@@ -243,7 +244,7 @@ class Restorer:
                 except CheckpointError as exc:
                     problem = str(exc)
             if problem is not None or manifest is None or payload is None:
-                ctx.events.emit("checkpoint_refused", path=str(candidate.path), reason=problem)
+                ctx.events.emit(ev.CHECKPOINT_REFUSED, path=str(candidate.path), reason=problem)
                 print(
                     f"jitckpt: refusing checkpoint {candidate.path}: {problem}",
                     file=sys.stderr,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from jitckpt import events as ev
 from jitckpt import protocol
 from jitckpt._version import __version__
 from jitckpt.checkpoint.context import RankContext
@@ -64,7 +65,7 @@ class JitSaver:
 
     def skipped(self, reason: str) -> None:
         """No clean state to save on this rank: say why (returns None)."""
-        self.ctx.events.warn("save_skipped", reason=reason)
+        self.ctx.events.warn(ev.SAVE_SKIPPED, reason=reason)
 
     def mark_saving(self) -> None:
         """Tell the launcher a save is under way, so it waits for it before
@@ -91,7 +92,7 @@ class JitSaver:
                 ),
             )
         except CheckpointWriteError as exc:
-            ctx.events.warn("save_failed", step=step, error=str(exc))
+            ctx.events.warn(ev.SAVE_FAILED, step=step, error=str(exc))
             return None
         persister = (
             ctx.staging.persist_in_background(path, ctx.rank, ctx.attempt)
@@ -99,7 +100,7 @@ class JitSaver:
             else None
         )
         ctx.events.emit(
-            "save",
+            ev.SAVE,
             kind="jit",
             step=step,
             path=str(path),
@@ -140,16 +141,16 @@ class JitSaver:
             save_tensors(tensor_state(ctx.state.model, ctx.state.optimizer), tmp, group)
             if ctx.rank != committer:
                 ctx.events.emit(
-                    "shards_written", kind=kind, step=step, duration=time.monotonic() - started
+                    ev.SHARDS_WRITTEN, kind=kind, step=step, duration=time.monotonic() - started
                 )
                 return None
             payload = Archive(ctx.state.tree(step, ctx.rank, snapshot, tensors=False))
             path = ctx.storage.commit(tmp, manifest, payload)
         except CheckpointWriteError as exc:
-            ctx.events.warn("save_failed", kind=kind, step=step, error=str(exc))
+            ctx.events.warn(ev.SAVE_FAILED, kind=kind, step=step, error=str(exc))
             return None
         ctx.events.emit(
-            "save",
+            ev.SAVE,
             kind=kind,
             step=step,
             path=str(path),

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt import attempt
+from jitckpt import events as ev
 from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.saver import JitSaver
 from jitckpt.checkpoint.writers import agree_on_writers, announce
@@ -105,11 +106,11 @@ class ShardedLayout:
         self.saver.mark_saving()
         decision, decided = agree_on_writers(store, self.mesh, ctx.rank, step)
         if decided:
-            ctx.events.emit("jit_plan", **decision.as_dict())
+            ctx.events.emit(ev.JIT_PLAN, **decision.as_dict())
         if decision.step is None:
             if decided:
                 ctx.events.warn(
-                    "jit_impossible",
+                    ev.JIT_IMPOSSIBLE,
                     reason=decision.reason,
                     lost_shard=decision.lost_shard,
                     held_by=self.mesh.holders(decision.lost_shard)

@@ -110,7 +110,7 @@ def announce(store: Any, rank: int) -> None:
     for its loop to reach a step boundary): the decider waits for it even if
     its heartbeat stops (a rank whose loop was unwound by an exception stops
     its heartbeat thread). The first to announce also sets protocol.FAILURE_KEY, which
-    brings the peers that noticed nothing into the save (jitckpt.watchdog)."""
+    brings the peers that noticed nothing into the save (jitckpt.detect.watchdog)."""
     store.set(f"{protocol.SHARDED_KEY}/coming/{rank}", "1")
     store.compare_set(protocol.FAILURE_KEY, "", str(rank))
 

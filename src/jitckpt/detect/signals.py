@@ -2,8 +2,8 @@
 stuck inside a gloo collective.
 
 A Python ``signal.signal`` handler runs only between bytecodes of the main
-thread, so it never runs in a rank blocked in gloo (PLATFORM.md: "A Python
-signal.signal SIGTERM handler never runs in a rank stuck in a gloo call").
+thread, so it never runs in a rank blocked in gloo (docs/platform.md,
+"SIGTERM in a rank blocked in gloo").
 Two mechanisms, chosen by what the process looks like when it is installed:
 
 * ``sigwait`` (preferred): SIGTERM is blocked with ``pthread_sigmask`` in the
@@ -64,7 +64,7 @@ def install() -> str:
     if _mechanism is not None:
         return _mechanism
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("jitckpt.signals.install() must run on the main thread")
+        raise RuntimeError("jitckpt.detect.signals.install() must run on the main thread")
     if _native_thread_count() == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         threading.Thread(target=_sigwait_loop, name="jitckpt-sigwait", daemon=True).start()

@@ -2,7 +2,7 @@
 
 A hung rank leaves every other rank blocked in its next collective until the
 process-group timeout (30 minutes by default in gloo), and torchrun never
-notices (PLATFORM.md). Every rank therefore watches its own progress counter
+notices (docs/platform.md, "What surviving ranks see when a peer hangs"). Every rank therefore watches its own progress counter
 (the step tracker's, bumped at boundaries, forward, backward, each gradient
 bucket and the optimizer step): when it has not moved for ``timeout`` the
 rank declares a hang, names suspects from the heartbeats, and the JIT save
@@ -11,8 +11,9 @@ runs from this thread while the training thread stays blocked.
 Suspects come from the heartbeats every rank publishes to the store: a rank
 whose heartbeat is stale is *dead*; a rank whose heartbeat is live but whose
 progress is behind the most advanced rank is *hung* (its side threads run
-while its training thread is stuck). PLATFORM.md measured that heartbeats
-alone cannot name a hung rank and a per-bucket counter can.
+while its training thread is stuck): heartbeats alone cannot name a hung
+rank, a per-bucket counter can (docs/platform.md, "Detecting a hang and
+naming the hung rank").
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt import attempt, compat, protocol
+from jitckpt import events as ev
 from jitckpt.comm import interruptible_all_reduce
 from jitckpt.events import EventLog
 from jitckpt.inprocess.graveyard import SETTLE_TIMEOUT_S, Graveyard, resource_counts
@@ -156,7 +157,7 @@ class InProcessRecovery:
         self._waiters: set[threading.Event] = set()
         self._graveyard = Graveyard(
             lambda what, held_s, drop_s: events.emit(
-                "inproc_released", what=what, held_s=held_s, drop_s=drop_s
+                ev.INPROC_RELEASED, what=what, held_s=held_s, drop_s=drop_s
             )
         )
         self._placeholder: dist.ProcessGroup | None = None
@@ -210,7 +211,7 @@ class InProcessRecovery:
                 continue
             notice["seen"] = time.time()
             self._pause_watchdog()
-            self.events.emit("inproc_notice", generation=notice["generation"], dead=notice["dead"])
+            self.events.emit(ev.INPROC_NOTICE, generation=notice["generation"], dead=notice["dead"])
             with self._cond:
                 self._notice = notice
                 waiters = list(self._waiters)
@@ -255,7 +256,7 @@ class InProcessRecovery:
             return False
         reduced = interruptible_all_reduce(self, tensor, op)
         if reduced is None:
-            self.events.emit("inproc_collective_abandoned", kind="all_reduce")
+            self.events.emit(ev.INPROC_COLLECTIVE_ABANDONED, kind="all_reduce")
             return False
         tensor.copy_(reduced)
         return True
@@ -378,7 +379,7 @@ class InProcessRecovery:
     ) -> None:
         generation = int(notice["generation"])
         self.events.emit(
-            "inproc_recovered",
+            ev.INPROC_RECOVERED,
             generation=generation,
             role=role,
             step=step,
@@ -414,7 +415,7 @@ class InProcessRecovery:
             self._bury_retired()
         if self._recovered_at_step is not None and step == self._recovered_at_step + 1:
             self.events.emit(
-                "inproc_step_done", generation=self.generation, step=step, **resource_counts()
+                ev.INPROC_STEP_DONE, generation=self.generation, step=step, **resource_counts()
             )
             self._recovered_at_step = None
 

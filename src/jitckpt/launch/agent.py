@@ -2,8 +2,8 @@
 these changes for JIT checkpointing.
 
 * Workers that ignore SIGTERM are killed after ``term_grace_s`` instead of
-  torchrun's fixed 30 s when the job restarts (PLATFORM.md: --shutdown-timeout
-  does not apply there). The grace stretches while a worker reports that it
+  torchrun's fixed 30 s when the job restarts (--shutdown-timeout does not
+  apply there: docs/platform.md, "The fixed 30 s SIGKILL grace on restart"). The grace stretches while a worker reports that it
   is still writing its JIT checkpoint, up to MAX_SAVE_WAIT_S.
 * Workers build their group under a store prefix unique to the rendezvous
   round.
@@ -12,7 +12,7 @@ these changes for JIT checkpointing.
   model, an unusable run directory) stops the restarts: no attempt can
   succeed, and the user should see the error at once.
 * With in-process recovery on, each worker runs in its own process context
-  (jitckpt.workers) and a failed worker is replaced alone while the others
+  (jitckpt.launch.workers) and a failed worker is replaced alone while the others
   keep running (jitckpt.inprocess); when that cannot apply, the agent says
   why and takes the restart path.
 """
@@ -35,6 +35,7 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from jitckpt import compat, protocol
+from jitckpt import events as ev
 from jitckpt.events import EventLog
 from jitckpt.launch.workers import WorkerProcesses
 
@@ -101,8 +102,8 @@ class JitAgent(LocalElasticAgent):
         else:
             pids = super()._start_workers(worker_group)
         # When one worker fails, the process context closes its siblings with
-        # close()'s default 30 s SIGKILL grace (PLATFORM.md: --shutdown-timeout
-        # does not apply there). Ours is shorter, but stretches while a worker
+        # close()'s default 30 s SIGKILL grace (--shutdown-timeout does not apply
+        # there: docs/platform.md, "The fixed 30 s SIGKILL grace on restart"). Ours is shorter, but stretches while a worker
         # is writing its JIT checkpoint (a large state takes seconds): killing
         # every saver mid-write would leave no checkpoint at all. Explicit
         # timeouts (the agent's own shutdown on a signal) are kept.
@@ -122,7 +123,7 @@ class JitAgent(LocalElasticAgent):
     def _start_workers_apart(self, worker_group: WorkerGroup) -> dict[int, Any]:
         """LocalElasticAgent builds every worker's arguments and environment;
         its one call to start_processes is diverted so that each worker gets
-        a process context of its own (jitckpt.workers)."""
+        a process context of its own (jitckpt.launch.workers)."""
         spares = self.spares
 
         def start_apart(**launch: Any) -> WorkerProcesses:
@@ -184,7 +185,7 @@ class JitAgent(LocalElasticAgent):
             if events is not None:
                 for rank, failure in sorted(result.failures.items()):
                     events.emit(
-                        "worker_failed",
+                        ev.WORKER_FAILED,
                         failed_rank=rank,
                         exitcode=failure.exitcode,
                         worker_pid=failure.pid,
@@ -200,11 +201,11 @@ class JitAgent(LocalElasticAgent):
         started = time.time()
         events = self.events()
         if events is not None:
-            events.emit("restart_begin", restarts_left=self._remaining_restarts)
+            events.emit(ev.RESTART_BEGIN, restarts_left=self._remaining_restarts)
         super()._restart_workers(worker_group)
         if events is not None:
             events.emit(
-                "restart", duration=time.time() - started, restarts_left=self._remaining_restarts
+                ev.RESTART, duration=time.time() - started, restarts_left=self._remaining_restarts
             )
 
     # -- in-process recovery ----------------------------------------------------------
@@ -233,7 +234,7 @@ class JitAgent(LocalElasticAgent):
         events = self.events()
         if events is not None:
             events.emit(
-                "inproc_fallback",
+                ev.INPROC_FALLBACK,
                 path="restart",
                 reason=reason,
                 failed_ranks=sorted(
@@ -309,7 +310,7 @@ class JitAgent(LocalElasticAgent):
             worker.id = procs.pids()[local_rank]
             if events is not None:
                 events.emit(
-                    "inproc_begin",
+                    ev.INPROC_BEGIN,
                     generation=generation,
                     failed_rank=rank,
                     exitcode=failures[local_rank].exitcode,

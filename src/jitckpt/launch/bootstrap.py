@@ -1,9 +1,9 @@
-"""Worker entry point used by ``jitckpt run``: ``python -m jitckpt.bootstrap
+"""Worker entry point used by ``jitckpt run``: ``python -m jitckpt.launch.bootstrap
 SCRIPT ARGS...`` (or ``--module MOD ARGS...``).
 
 It installs the SIGTERM thread before anything else runs, while the process
 still has a single thread, so every thread torch and gloo start later
-inherits the blocked mask (see jitckpt.signals), then runs the training
+inherits the blocked mask (see jitckpt.detect.signals), then runs the training
 script as ``__main__``. Importing the jitckpt package here is cheap: its
 public names load lazily, and this module imports only the standard library.
 """
@@ -21,12 +21,12 @@ def main(argv: list[str]) -> None:
     signals.install()
     if argv[:1] == ["--module"]:
         if len(argv) < 2:
-            raise SystemExit("usage: python -m jitckpt.bootstrap --module MODULE [ARGS...]")
+            raise SystemExit("usage: python -m jitckpt.launch.bootstrap --module MODULE [ARGS...]")
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         if not argv:
-            raise SystemExit("usage: python -m jitckpt.bootstrap SCRIPT [ARGS...]")
+            raise SystemExit("usage: python -m jitckpt.launch.bootstrap SCRIPT [ARGS...]")
         sys.argv = list(argv)
         # As `python SCRIPT` does: the script's directory comes first on the path.
         sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))

@@ -3,10 +3,10 @@ just-in-time checkpointing.
 
 It accepts every torchrun option and adds ``--inject SPEC`` (fault
 injection), ``--term-grace`` (how long a worker may ignore SIGTERM before it
-is killed) and ``--spares``. Workers start through ``jitckpt.bootstrap`` so
+is killed) and ``--spares``. Workers start through ``jitckpt.launch.bootstrap`` so
 their SIGTERM thread exists before any other thread. At the end it prints a
 summary of every failure from the run's event log. Workers are forked from
-a warm process that has torch imported already (jitckpt.warmpool), unless
+a warm process that has torch imported already (jitckpt.launch.warmpool), unless
 ``--no-warm-pool`` is given.
 
 Exit status: 0 when training finished; 75 when the job was preempted
@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 from jitckpt import compat, protocol
+from jitckpt import events as ev
 from jitckpt.errors import FaultSpecError
 from jitckpt.inject import KINDS as INJECT_KINDS
 from jitckpt.inject import PHASES as INJECT_PHASES
@@ -38,7 +39,7 @@ from jitckpt.launch.warmpool import start_pool
 DEFAULT_MAX_RESTARTS = 3
 # Seconds a worker may ignore SIGTERM before SIGKILL in the restart path.
 # A healthy worker saves and exits well within it (the grace stretches while
-# a save is in progress, see jitckpt.agent); a wedged one only delays the
+# a save is in progress, see jitckpt.launch.agent); a wedged one only delays the
 # restart by it.
 DEFAULT_TERM_GRACE_S = 5.0
 # The agent's poll interval with in-process recovery, unless --monitor-interval.
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="warm_pool",
         action="store_false",
         help="start every worker as a fresh interpreter instead of forking it from a warm "
-        "process that has torch imported already (see jitckpt.warmpool)",
+        "process that has torch imported already (see jitckpt.launch.warmpool)",
     )
     parser.add_argument(
         "--spares",
@@ -239,7 +240,7 @@ def _launch(  # type: ignore[no-untyped-def]
             spec.rdzv_handler.shutdown()
     events = agent.events()
     if events is not None:
-        events.emit("job_end", outcome=outcome, status=status)
+        events.emit(ev.JOB_END, outcome=outcome, status=status)
         print_summary(Path(events.path).parent, outcome=outcome)
     if agent.fatal_message:
         print(f"jitckpt: not restarting: {agent.fatal_message}", file=sys.stderr)

@@ -18,7 +18,7 @@ The pieces:
   wait in the listen backlog instead of falling back.
 * the zygote (``python -u -m jitckpt.launch.warmpool serve``, jitckpt.launch.zygote): blocks SIGTERM
   before importing anything heavy (threads started by imports inherit the
-  mask; see jitckpt.signals), imports :data:`PRELOAD_MODULES`, then serves
+  mask; see jitckpt.detect.signals), imports :data:`PRELOAD_MODULES`, then serves
   one fork per connection from a single-threaded select loop. It never starts
   a thread: ``fork()`` copies only the calling thread, so any lock another
   thread held would stay locked forever in the child.
@@ -85,7 +85,7 @@ class WarmPool:
     @staticmethod
     def client_args(worker_args: list[str]) -> list[str]:
         """Interpreter arguments that run ``worker_args`` (``SCRIPT ARGS...`` or
-        ``--module MOD ARGS...``, as for jitckpt.bootstrap) through the pool."""
+        ``--module MOD ARGS...``, as for jitckpt.launch.bootstrap) through the pool."""
         return ["-u", "-m", "jitckpt.launch.warmpool", "client", *worker_args]
 
     def close(self) -> None:

@@ -44,7 +44,7 @@ def startup_env(env: dict[str, str]) -> dict[str, str]:
 
 def say(message: str) -> None:
     try:
-        sys.stderr.write(f"jitckpt.warmpool: {message}\n")
+        sys.stderr.write(f"jitckpt warm pool: {message}\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         pass

@@ -2,8 +2,8 @@
 worker, plus hot spares.
 
 torchrun's agent starts all local workers in one process context, and that
-context closes every sibling as soon as one worker fails (PLATFORM.md:
-healthy siblings got exit -15). In-process recovery needs the survivors to
+context closes every sibling as soon as one worker fails (healthy siblings
+got exit -15: docs/platform.md, "One process context closes its siblings"). In-process recovery needs the survivors to
 keep running, so each worker (and each spare) gets a context of its own,
 started with elastic's ``start_processes`` and the very arguments and
 environment LocalElasticAgent built for it. :class:`WorkerProcesses` offers

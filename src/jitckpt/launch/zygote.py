@@ -264,7 +264,7 @@ class _Zygote:
         os.environ.update(request.env)
         for key, value in self.preload_env.items():
             os.environ.setdefault(key, value)  # as the worker's own imports would
-        # As `python -m jitckpt.bootstrap` run in the client's cwd would have it;
+        # As `python -m jitckpt.launch.bootstrap` run in the client's cwd would have it;
         # bootstrap replaces it with the script's directory for a script.
         sys.path[0] = request.cwd
         # numpy seeds its global RNG from the OS when imported: a cold worker

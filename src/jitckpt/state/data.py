@@ -2,7 +2,8 @@
 
 torchdata's StatefulDataLoader restores its position exactly, also with
 worker processes, and its state does not depend on the rank: rank 0's state
-loaded into rank 1's loader continues rank 1's own shard (PLATFORM.md), so a
+loaded into rank 1's loader continues rank 1's own shard (docs/platform.md,
+"Data loader position and randomness in dataset workers"), so a
 survivor's checkpoint serves every rank. The epoch is the sampler's
 (``DistributedSampler.epoch``, set by ``set_epoch``): samplers shuffle by it
 but do not store it, so it is saved beside the loader state. Loops should

@@ -8,8 +8,9 @@ Two ways to make randomness survive a restart:
 * deterministic mode reseeds all generators at every step boundary from
   (seed, step, rank). The stream is then a pure function of the step, so a
   resumed run draws exactly what an uninterrupted run draws, on every rank,
-  whichever rank's checkpoint was loaded (PLATFORM.md: runs with RNG
-  reseeded per (step, rank) are bitwise equal).
+  whichever rank's checkpoint was loaded (runs with RNG reseeded per (step,
+  rank) are bitwise equal: docs/platform.md, "Bitwise-identical runs and
+  DDP's bucket order").
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ class TrainingState:
     ) -> dict[str, Any]:
         """The state as nested containers of live tensors and plain values.
         ``components`` replaces the live model/optimizer/... part (a view
-        taken earlier: jitckpt.gpu). ``tensors=False`` leaves out the model
+        taken earlier: jitckpt.checkpoint.gpu). ``tensors=False`` leaves out the model
         and optimizer (a sharded checkpoint stores them with
         torch.distributed.checkpoint)."""
         return {
@@ -133,7 +133,7 @@ class TrainingState:
     def restore(self, payload: Mapping[str, Any], where: str, *, tensors: bool = True) -> None:
         """Load a decoded payload. Checks everything that can be checked
         before the first component is touched. ``tensors=False``: the model
-        and optimizer were loaded already (jitckpt.sharded)."""
+        and optimizer were loaded already (jitckpt.checkpoint.sharded)."""
         self.check(payload, where)
         if tensors:
             unwrap(self.model).load_state_dict(payload["model"])

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from jitckpt import events as ev
 from jitckpt.errors import JitckptError
 from jitckpt.events import EventLog
 from jitckpt.storage.directory import DirectoryStorage
@@ -21,7 +22,7 @@ from jitckpt.storage.manifest import read_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jitckpt.persist", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m jitckpt.storage.persist", description=__doc__)
     parser.add_argument("staged", type=Path)
     parser.add_argument("durable_root", type=Path)
     parser.add_argument("run_dir", type=Path)
@@ -41,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         if persisted is None or persisted.checksum != candidate.checksum:
             raise JitckptError(f"{path}: durable copy differs from the staged one")
     except JitckptError as exc:
-        events.emit("persist_failed", path=str(args.staged), error=str(exc))
+        events.emit(ev.PERSIST_FAILED, path=str(args.staged), error=str(exc))
         print(f"jitckpt: persisting {args.staged} failed: {exc}", file=sys.stderr, flush=True)
         return 1
     events.emit(
-        "persisted",
+        ev.PERSISTED,
         path=str(path),
         staged=str(args.staged),
         bytes=len(data),

@@ -3,7 +3,7 @@
 A JIT save runs while the job is failing: the faster it ends, the sooner
 the job restarts and the smaller the chance that the saver dies too. With
 staging on, the save goes to host shared memory (``/dev/shm``) at memory
-speed, and a detached persister process (jitckpt.persist) copies it to the
+speed, and a detached persister process (jitckpt.storage.persist) copies it to the
 durable run directory, where other nodes and later jobs find it. A restore
 on the same node prefers the staged copy (valid and the same checksum);
 otherwise it reads the durable one.
