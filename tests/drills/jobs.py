@@ -22,7 +22,7 @@ import pytest
 
 from jitckpt.testing import proctag
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 TINY = Path(__file__).resolve().parent / "tiny_train.py"
 # Upper bound for one launch in a test (a failure-free 4-rank launch takes

@@ -4,7 +4,8 @@ replicate x shard mesh, 4 ranks on gloo (examples/train_gpt_fsdp.py).
 Drills as in test_drills.py: a fault injected at a step and phase, the final
 digest compared with one failure-free run shared by the module. To keep the
 file to a few minutes, two failures share one launch where their steps
-allow it. Fast unit tests of the writer choice and layout rules come first.
+allow it. The writer choice and layout rules have unit tests of their own
+(tests/unit/test_writers.py, test_mesh.py).
 """
 
 from __future__ import annotations
@@ -18,82 +19,15 @@ from jobs import REPO, Launch, jitckpt_run, show, two_nodes
 
 from jitckpt import storage
 from jitckpt.analysis.summary import summarize
-from jitckpt.checkpoint.writers import choose_writers
-from jitckpt.errors import CheckpointError
-from jitckpt.errors import CheckpointMismatchError as Mismatch
 from jitckpt.events import read_events
 from jitckpt.protocol import EXIT_FATAL, EXIT_SAVED_AND_STOPPED
-from jitckpt.state.mesh import MeshLayout, check_layout
 
 EXAMPLE_FSDP = REPO / "examples" / "train_gpt_fsdp.py"
 EXAMPLE_DDP = REPO / "examples" / "train_gpt.py"
 STEPS = 10
 HSDP = "replicate=2,shard=2"
 
-# -- units: who writes, what maps ------------------------------------------------
-GRID_2X2 = MeshLayout(((0, 1), (2, 3)), ("replicate", "shard"))
-GRID_1D = MeshLayout(((0, 1, 2, 3),), ("shard",))
 
-
-def test_writers_one_intact_replica_preferred() -> None:
-    decision = choose_writers(GRID_2X2, {0: 6, 1: 6, 2: 6})
-    assert (decision.step, decision.writers) == (6, [0, 1])
-
-
-def test_writers_mix_replicas_when_no_replica_is_whole() -> None:
-    # Rank 1 (replica 0, shard 1) and rank 2 (replica 1, shard 0) are gone.
-    decision = choose_writers(GRID_2X2, {0: 6, 3: 6})
-    assert (decision.step, decision.writers) == (6, [0, 3])
-
-
-def test_writers_take_the_newest_step_every_shard_has() -> None:
-    decision = choose_writers(GRID_2X2, {0: 7, 1: 7, 2: 6, 3: 6})
-    assert (decision.step, decision.writers) == (7, [0, 1])
-
-
-def test_lost_shard_is_named() -> None:
-    decision = choose_writers(GRID_1D, {0: 5, 1: 5, 3: 5})
-    assert decision.step is None and decision.lost_shard == 2
-    assert decision.reason == "no surviving replica of shard 2"
-
-
-def test_shards_at_different_steps_cannot_be_combined() -> None:
-    decision = choose_writers(GRID_2X2, {0: 6, 1: 7, 3: 7})
-    assert decision.step is None and decision.lost_shard is None
-    assert "different steps" in str(decision.reason)
-
-
-def test_layouts_that_map_and_that_do_not() -> None:
-    hsdp = GRID_2X2.to_manifest()
-    assert hsdp == {"type": "hsdp", "mesh_shape": [2, 2], "mesh_dim_names": ["replicate", "shard"]}
-    check_layout(hsdp, GRID_1D.to_manifest(), "ck")  # resharding
-    check_layout({"type": "ddp"}, {"type": "ddp"}, "ck")
-    with pytest.raises(Mismatch, match="HSDP .* cannot be mapped onto this DDP job"):
-        check_layout(hsdp, {"type": "ddp"}, "ck")
-    with pytest.raises(Mismatch, match="DDP job and cannot be mapped onto this FSDP"):
-        check_layout({"type": "ddp"}, GRID_1D.to_manifest(), "ck")
-    with pytest.raises(Mismatch, match="mesh this version cannot read"):
-        check_layout(dict(hsdp, mesh_shape=[2, 2, 1]), hsdp, "ck")
-
-
-def test_multi_writer_commit_lists_and_verifies_every_file(tmp_path: Path) -> None:
-    store = storage.DirectoryStorage(tmp_path)
-    manifest = storage.Manifest(kind="jit", step=3, attempt=0, writer_rank=1, world_size=4)
-    tmp = store.temporary(manifest)
-    assert store.temporary(manifest) == tmp  # every writer derives the same directory
-    (tmp / "__0_0.distcp").write_bytes(b"a" * 100)
-    (tmp / ".metadata").write_bytes(b"m" * 10)
-    path = store.commit(tmp, manifest, b"payload")
-    assert path.name == "step-000000003-jit-a0-r1" and not tmp.exists()
-    (candidate,) = store.candidates()
-    assert sorted(candidate.manifest.files) == [".metadata", "__0_0.distcp", "state.pt"]
-    store.verify_files(candidate)
-    (path / "__0_0.distcp").write_bytes(b"b" * 100)
-    with pytest.raises(CheckpointError, match="__0_0.distcp: checksum mismatch"):
-        store.verify_files(candidate)
-
-
-# -- drills ------------------------------------------------------------------------
 def fsdp_args(run_dir: Path, digest: Path, mesh: str = HSDP, steps: int = STEPS) -> list[str]:
     return [
         str(EXAMPLE_FSDP),
