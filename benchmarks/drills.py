@@ -35,6 +35,7 @@ from harness import (
     BASELINE_LOG,
     BASELINE_WORKER,
     EXAMPLE,
+    BaselineRecord,
     DrillError,
     Job,
     baseline_breakdown,
@@ -197,9 +198,12 @@ def resumed_step(log: Path, attempt: int, deadline: float) -> int:
     record = wait_for_record(
         log,
         deadline,
-        lambda r: r.get("attempt") == attempt and r["event"] in ("restore", "fresh_start"),
+        lambda r: (
+            r.get("attempt") == attempt
+            and r["event"] in (BaselineRecord.RESTORE, BaselineRecord.FRESH_START)
+        ),
     )
-    return int(record["step"]) if record["event"] == "restore" else 0
+    return int(record["step"]) if record["event"] == BaselineRecord.RESTORE else 0
 
 
 def step_time(log: Path, attempt: int, after: int, deadline: float) -> float:

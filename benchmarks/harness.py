@@ -47,6 +47,20 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_gpt.py"
 BASELINE_WORKER = Path(__file__).resolve().parent / "periodic_baseline.py"
 BASELINE_LOG = "baseline.jsonl"  # periodic_baseline.LOG_FILE
+
+
+class BaselineRecord:
+    """The names of periodic_baseline.py's own log records. They mirror
+    jitckpt's event names on purpose (the same breakdown applies) but are
+    not jitckpt events: the baseline imports nothing of jitckpt."""
+
+    START = "start"
+    FRESH_START = "fresh_start"
+    RESTORE = "restore"
+    SAVE = "save"
+    STEP = "step"
+
+
 TAG_VAR = "JITCKPT_BENCH_TAG"
 # How often the baseline's log is polled for the step to kill in.
 POLL_INTERVAL_S = 0.01
@@ -226,9 +240,9 @@ def kill_rank_at(
         for record in tail.new_records():
             if record.get("rank") != rank or record.get("attempt") != attempt:
                 continue
-            if record["event"] == "start":
+            if record["event"] == BaselineRecord.START:
                 pid = int(record["pid"])
-            elif record["event"] == "step" and record["step"] >= step - 1:
+            elif record["event"] == BaselineRecord.STEP and record["step"] >= step - 1:
                 if pid is None or pid not in tagged_pids(job.tag):
                     raise DrillError(f"rank {rank}'s pid {pid} is not a process of this job")
                 time.sleep(delay_s)
@@ -301,9 +315,9 @@ def baseline_breakdown(
     ``attempt``."""
     first = [r for r in records if r.get("attempt") == attempt]
     second = [r for r in records if r.get("attempt") == attempt + 1]
-    starts = [r for r in second if r["event"] == "start"]
-    restores = [r for r in second if r["event"] == "restore"]
-    steps = [r for r in second if r["event"] == "step"]
+    starts = [r for r in second if r["event"] == BaselineRecord.START]
+    restores = [r for r in second if r["event"] == BaselineRecord.RESTORE]
+    steps = [r for r in second if r["event"] == BaselineRecord.STEP]
     if not starts or not steps:
         raise DrillError("the restarted attempt logged no start or no step")
     t_spawned = max(r.get("process_start") or r["t"] for r in starts)
@@ -312,13 +326,15 @@ def baseline_breakdown(
         t_restored = max(r["t"] for r in restores)
         resumed = int(restores[0]["step"])
     else:  # no checkpoint yet: a fresh start, nothing to load
-        fresh = [r for r in second if r["event"] == "fresh_start"]
+        fresh = [r for r in second if r["event"] == BaselineRecord.FRESH_START]
         t_restore_begin = t_restored = max(r["t"] for r in fresh)
         resumed = 0
     t_first_step = min(r["t"] for r in steps)
-    begun = max((int(r["step"]) for r in first if r["event"] == "step"), default=-1) + 1
+    begun = (
+        max((int(r["step"]) for r in first if r["event"] == BaselineRecord.STEP), default=-1) + 1
+    )
     regained = [r["t"] for r in steps if r["step"] == begun]
-    saves = [r["duration"] for r in first if r["event"] == "save"]
+    saves = [r["duration"] for r in first if r["event"] == BaselineRecord.SAVE]
     return {
         "parts": {
             "detection": None,

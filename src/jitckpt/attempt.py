@@ -4,7 +4,7 @@ it talks to the launcher and its peers through.
 Under torchrun (and ``jitckpt run``) the agent's TCPStore outlives worker
 restarts, so every attempt works under a key prefix of its own
 (jitckpt.protocol.attempt_prefix): a restarted attempt never meets the keys
-of a dead one (docs/platform.md, "A restarted attempt and the shared store").
+of a dead one (docs/platform.md, "Restarts under torchrun share one store").
 In torch 2.13 a store built from an ``init_method`` URL is client-only under
 torchrun, so the TCPStore clients are built explicitly.
 """

@@ -3,8 +3,8 @@ off the training thread.
 
 A gloo group with a pending call cannot be dropped on the training thread:
 its destructor waits for the call, which only ends at the group's timeout or
-once every peer has closed its old connections (docs/platform.md, "Rules of
-in-process recovery", rule 2). A recovery therefore hands what it abandons
+once every peer has closed its old connections (docs/platform.md, "Three
+rules: locks, dropping groups, private copies", rule 2). A recovery therefore hands what it abandons
 to a :class:`Graveyard`, whose background thread drops each item
 ``RELEASE_DELAY_S`` after it was kept, when the peers have re-formed.
 """

@@ -1,0 +1,48 @@
+"""The failure path's decisions (jitckpt.checkpoint.failure): what caused a
+failure, and how suspects are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from jitckpt.checkpoint.failure import classify_exception, describe_suspects
+from jitckpt.errors import InjectedFault
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+        ),
+        RuntimeError("Gloo connectFullMesh failed with ..."),
+        RuntimeError("NCCL communicator was aborted"),
+        RuntimeError("recv: Connection reset by peer"),
+        RuntimeError("write: Broken pipe"),
+        dist.DistError("a collective failed"),
+    ],
+)
+def test_a_collective_that_failed_under_a_dead_peer_is_a_collective_error(
+    exc: BaseException,
+) -> None:
+    assert classify_exception(exc) == "collective_error"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad batch"),
+        KeyError("gloo"),  # the marker in a non-RuntimeError does not count
+        RuntimeError("CUDA out of memory"),
+        InjectedFault("injected fault raise@step=3,rank=0 (gloo)"),  # always this rank's own
+        ZeroDivisionError(),
+    ],
+)
+def test_anything_else_is_this_ranks_own_exception(exc: BaseException) -> None:
+    assert classify_exception(exc) == "exception"
+
+
+def test_suspects_are_named_in_rank_order() -> None:
+    assert describe_suspects({3: "hung", 1: "dead"}) == "rank 1 dead, rank 3 hung"
+    assert describe_suspects({}) == "none named"
