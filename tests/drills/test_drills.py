@@ -14,13 +14,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from jobs import EXAMPLE, Launch, jitckpt_run, kill_tagged, show
+from conftest import EXAMPLE_STEPS, example_args
+from jobs import Launch, jitckpt_run, kill_tagged, show
 
 from jitckpt.analysis.summary import summarize
 from jitckpt.events import read_events
 from jitckpt.protocol import EXIT_SAVED_AND_STOPPED
 
-STEPS = 12
+STEPS = EXAMPLE_STEPS
 FAIL_STEP = 6
 # These drills are of the restart path (in-process recovery, the default
 # where it applies, has its own in test_inprocess.py).
@@ -30,27 +31,8 @@ RESTART = ("--recovery", "restart")
 def train_args(
     run_dir: Path, digest: Path, steps: int = STEPS, deterministic: bool = True
 ) -> list[str]:
-    args = [
-        str(EXAMPLE),
-        "--steps",
-        str(steps),
-        "--run-dir",
-        str(run_dir),
-        "--digest",
-        str(digest),
-        "--log-every",
-        "1",
-    ]
-    return args + (["--deterministic"] if deterministic else [])
-
-
-@pytest.fixture(scope="module")
-def reference_digest(tmp_path_factory: pytest.TempPathFactory) -> str:
-    base = tmp_path_factory.mktemp("reference")
-    launch = jitckpt_run(*RESTART, *train_args(base / "run", base / "digest"))
-    assert launch.returncode == 0, show(launch)
-    assert launch.resumed_steps() == []
-    return (base / "digest").read_text().strip()
+    args = example_args(run_dir, digest, steps)
+    return args if deterministic else [a for a in args if a != "--deterministic"]
 
 
 def check_recovered(
@@ -81,57 +63,63 @@ def check_recovered(
             assert failure["save_copies"] >= 1, failure
 
 
-@pytest.mark.parametrize(
-    ("phase", "expected_resume"),
-    [
-        ("forward", FAIL_STEP),
-        ("backward", FAIL_STEP),
-        ("allreduce", FAIL_STEP),
-        ("optimizer", FAIL_STEP + 1),
-    ],
-)
-def test_kill_in_phase_resumes_exactly(
-    tmp_path: Path, reference_digest: str, phase: str, expected_resume: int
+# Two failures per launch, in two attempts: every phase is covered at the
+# cost of two launches instead of four (a launch costs ~10 s here).
+PHASE_PAIRS = [
+    # (first failure, second failure, resumed steps)
+    (("forward", 2), ("allreduce", 1), [3, 8]),
+    (("backward", 2), ("optimizer", 1), [3, 9]),
+]
+
+
+def pair_specs(kind: str, first: tuple[str, int], second: tuple[str, int]) -> list[str]:
+    return [
+        "--inject", f"{kind}@step=3,rank={first[1]},phase={first[0]}",
+        "--inject", f"{kind}@step=8,rank={second[1]},phase={second[0]}",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("first", "second", "resumed"), PHASE_PAIRS, ids=["fwd+ar", "bwd+opt"])
+def test_kill_in_every_phase_resumes_exactly(
+    tmp_path: Path,
+    example_reference: str,
+    first: tuple[str, int],
+    second: tuple[str, int],
+    resumed: list[int],
 ) -> None:
+    """A SIGKILL in each phase of a step (forward, backward, the gradient
+    all-reduce, the optimizer step): resumed at the failed step, or the
+    next one when the survivors had finished the optimizer step."""
     launch = jitckpt_run(
         *RESTART,
-        "--inject",
-        f"kill@step={FAIL_STEP},rank=2,phase={phase}",
+        *pair_specs("kill", first, second),
         *train_args(tmp_path / "run", tmp_path / "digest"),
     )
-    check_recovered(
-        tmp_path / "run", tmp_path / "digest", reference_digest, [expected_resume], launch
-    )
-    # Killed by SIGKILL, rank 2 wrote nothing; the survivors' copies were used.
+    check_recovered(tmp_path / "run", tmp_path / "digest", example_reference, resumed, launch)
+    # Killed by SIGKILL, the victim wrote nothing; the survivors' copies were used.
     saves = [e for e in read_events(tmp_path / "run") if e["event"] == "save"]
-    assert {e["rank"] for e in saves} <= {0, 1, 3}
+    for attempt, (_, victim) in enumerate((first, second)):
+        savers = {e["rank"] for e in saves if e["attempt"] == attempt}
+        assert savers and victim not in savers, (attempt, savers)
 
 
-def test_raise_in_forward_resumes_exactly(tmp_path: Path, reference_digest: str) -> None:
+def test_raise_in_forward_resumes_exactly(tmp_path: Path, example_reference: str) -> None:
     launch = jitckpt_run(
         *RESTART,
         "--inject",
         f"raise@step={FAIL_STEP},rank=1,phase=forward",
         *train_args(tmp_path / "run", tmp_path / "digest"),
     )
-    check_recovered(tmp_path / "run", tmp_path / "digest", reference_digest, [FAIL_STEP], launch)
+    check_recovered(tmp_path / "run", tmp_path / "digest", example_reference, [FAIL_STEP], launch)
     assert "InjectedFault" in launch.output
     # The raising rank's own state was clean (forward): it saved too.
     saves = [e for e in read_events(tmp_path / "run") if e["event"] == "save"]
     assert 1 in {e["rank"] for e in saves}
 
 
-def test_two_failures_in_one_run(tmp_path: Path, reference_digest: str) -> None:
-    launch = jitckpt_run(
-        *RESTART,
-        "--inject", "kill@step=3,rank=1,phase=backward",
-        "--inject", "kill@step=8,rank=3,phase=forward",
-        *train_args(tmp_path / "run", tmp_path / "digest"),
-    )  # fmt: skip
-    check_recovered(tmp_path / "run", tmp_path / "digest", reference_digest, [3, 8], launch)
-
-
-def test_preemption_saves_stops_and_resumes_on_rerun(tmp_path: Path, reference_digest: str) -> None:
+def test_preemption_saves_stops_and_resumes_on_rerun(
+    tmp_path: Path, example_reference: str
+) -> None:
     args = [
         "--inject",
         f"term@step={FAIL_STEP},rank=0,phase=forward",
@@ -149,7 +137,7 @@ def test_preemption_saves_stops_and_resumes_on_rerun(tmp_path: Path, reference_d
     # The scheduler requeues the same command; the injection does not fire again.
     second = jitckpt_run(*args)
     check_recovered(
-        tmp_path / "run", tmp_path / "digest", reference_digest, [max(saved_steps)], second
+        tmp_path / "run", tmp_path / "digest", example_reference, [max(saved_steps)], second
     )
 
 
@@ -175,39 +163,41 @@ def test_resume_without_deterministic_mode_continues_the_loss_curve(tmp_path: Pa
     assert max(after) < before + 0.5, (before, after)
 
 
-@pytest.mark.parametrize(
-    ("phase", "expected_resume"),
-    [
-        ("forward", FAIL_STEP),
-        ("backward", FAIL_STEP),
-        ("allreduce", FAIL_STEP),
-        ("optimizer", FAIL_STEP + 1),
-    ],
-)
-def test_hang_is_detected_and_resumes_exactly(
-    tmp_path: Path, reference_digest: str, phase: str, expected_resume: int
+@pytest.mark.parametrize(("first", "second", "resumed"), PHASE_PAIRS, ids=["fwd+ar", "bwd+opt"])
+def test_hang_in_every_phase_is_detected_and_resumes_exactly(
+    tmp_path: Path,
+    example_reference: str,
+    first: tuple[str, int],
+    second: tuple[str, int],
+    resumed: list[int],
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
-        *RESTART,
-        "--inject",
-        f"hang@step={FAIL_STEP},rank=2,phase={phase}",
-        *train_args(run_dir, tmp_path / "digest"),
+        *RESTART, *pair_specs("hang", first, second), *train_args(run_dir, tmp_path / "digest")
     )
-    check_recovered(run_dir, tmp_path / "digest", reference_digest, [expected_resume], launch)
+    check_recovered(run_dir, tmp_path / "digest", example_reference, resumed, launch)
     events = read_events(run_dir)
-    hung_at = next(e["t"] for e in events if e["event"] == "fault_injected")
-    hangs = [e for e in events if e["event"] == "detect" and e["cause"] == "hang"]
-    assert hangs, "the watchdog must detect the hang"
-    median = max(e["median_step_s"] for e in hangs)
-    first = min(e["t"] for e in hangs)
-    assert first - hung_at <= max(2.0, 5 * median), (first - hung_at, median)
-    # The watchdogs name the hung rank from the heartbeats.
-    assert all(e["suspects"] == {"2": "hung"} for e in hangs), [e["suspects"] for e in hangs]
+    for attempt, (_, victim) in enumerate((first, second)):
+        hung_at = next(
+            e["t"] for e in events if e["event"] == "fault_injected" and e["attempt"] == attempt
+        )
+        hangs = [
+            e
+            for e in events
+            if e["event"] == "detect" and e["cause"] == "hang" and e["attempt"] == attempt
+        ]
+        assert hangs, f"the watchdog must detect the hang of attempt {attempt}"
+        median = max(e["median_step_s"] for e in hangs)
+        detected = min(e["t"] for e in hangs)
+        assert detected - hung_at <= max(2.0, 5 * median), (detected - hung_at, median)
+        # The watchdogs name the hung rank from the heartbeats.
+        assert all(e["suspects"] == {str(victim): "hung"} for e in hangs), [
+            e["suspects"] for e in hangs
+        ]
 
 
 def test_kill_during_the_jit_save_leaves_the_other_copies(
-    tmp_path: Path, reference_digest: str
+    tmp_path: Path, example_reference: str
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
@@ -216,7 +206,7 @@ def test_kill_during_the_jit_save_leaves_the_other_copies(
         "--inject", f"kill@step={FAIL_STEP},rank=1,phase=save",
         *train_args(run_dir, tmp_path / "digest"),
     )  # fmt: skip
-    check_recovered(run_dir, tmp_path / "digest", reference_digest, [FAIL_STEP], launch)
+    check_recovered(run_dir, tmp_path / "digest", example_reference, [FAIL_STEP], launch)
     events = read_events(run_dir)
     assert any(e["event"] == "fault_injected" and e["phase"] == "save" for e in events)
     restored = {e["path"] for e in events if e["event"] == "restore"}
@@ -224,7 +214,7 @@ def test_kill_during_the_jit_save_leaves_the_other_copies(
 
 
 def test_kill_during_restore_then_the_next_attempt_succeeds(
-    tmp_path: Path, reference_digest: str
+    tmp_path: Path, example_reference: str
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
@@ -240,7 +230,7 @@ def test_kill_during_restore_then_the_next_attempt_succeeds(
     check_recovered(
         run_dir,
         tmp_path / "digest",
-        reference_digest,
+        example_reference,
         [None, FAIL_STEP],
         launch,
         printed=[FAIL_STEP],
@@ -257,7 +247,7 @@ def test_kill_during_restore_then_the_next_attempt_succeeds(
 
 
 def test_second_failure_on_the_first_step_after_resume(
-    tmp_path: Path, reference_digest: str
+    tmp_path: Path, example_reference: str
 ) -> None:
     run_dir = tmp_path / "run"
     launch = jitckpt_run(
@@ -269,11 +259,11 @@ def test_second_failure_on_the_first_step_after_resume(
         *train_args(run_dir, tmp_path / "digest"),
     )  # fmt: skip
     check_recovered(
-        run_dir, tmp_path / "digest", reference_digest, [FAIL_STEP, FAIL_STEP + 1], launch
+        run_dir, tmp_path / "digest", example_reference, [FAIL_STEP, FAIL_STEP + 1], launch
     )
 
 
-def test_optimizer_phase_race_resolves_to_one_step(tmp_path: Path, reference_digest: str) -> None:
+def test_optimizer_phase_race_resolves_to_one_step(tmp_path: Path, example_reference: str) -> None:
     """Rank 2 dies after the all-reduce of step 6; rank 3 fails before its
     optimizer step (it saves step 6) while ranks 0 and 1 finish it (they save
     step 7). Every rank must load the same, newest checkpoint."""
@@ -287,7 +277,7 @@ def test_optimizer_phase_race_resolves_to_one_step(tmp_path: Path, reference_dig
     events = read_events(run_dir)
     saved = {e["rank"]: e["step"] for e in events if e["event"] == "save"}
     assert saved.get(3) == FAIL_STEP and saved.get(0) == FAIL_STEP + 1, saved
-    check_recovered(run_dir, tmp_path / "digest", reference_digest, [FAIL_STEP + 1], launch)
+    check_recovered(run_dir, tmp_path / "digest", example_reference, [FAIL_STEP + 1], launch)
     restores = [e for e in events if e["event"] == "restore"]
     assert len(restores) == 4 and len({e["path"] for e in restores}) == 1
     assert {e["step"] for e in restores} == {FAIL_STEP + 1}
@@ -303,7 +293,7 @@ def test_rank_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> 
     tag = uuid.uuid4().hex
     cmd = [
         sys.executable, "-m", "jitckpt", "run", "--standalone", "--nproc-per-node", "4", "--term-grace", str(grace), *RESTART,
-        *train_args(run_dir, tmp_path / "digest", steps=40),
+        *train_args(run_dir, tmp_path / "digest"),
     ]  # fmt: skip
     env = dict(os.environ, JITCKPT_TEST_TAG=tag, OMP_NUM_THREADS="1")
     with open(log, "wb") as sink:

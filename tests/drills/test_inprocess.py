@@ -10,28 +10,18 @@ import json
 from pathlib import Path
 
 import pytest
-from jobs import EXAMPLE, TINY, Launch, jitckpt_run, show
+from conftest import EXAMPLE_STEPS, example_args
+from jobs import TINY, Launch, jitckpt_run, show
 
 from jitckpt.analysis.summary import summarize, summarize_in_process
 from jitckpt.events import read_events
 
-STEPS = 12
+STEPS = EXAMPLE_STEPS
 FAIL_STEP = 6
 
 
 def train_args(run_dir: Path, digest: Path, steps: int = STEPS) -> list[str]:
-    return [
-        str(EXAMPLE), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
-        "--log-every", "1", "--deterministic",
-    ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def reference_digest(tmp_path_factory: pytest.TempPathFactory) -> str:
-    base = tmp_path_factory.mktemp("reference")
-    launch = jitckpt_run(*train_args(base / "run", base / "digest"))
-    assert launch.returncode == 0, show(launch)
-    return (base / "digest").read_text().strip()
+    return example_args(run_dir, digest, steps)
 
 
 def check_in_process(
@@ -75,30 +65,32 @@ def drill(
     check_in_process(tmp_path / "run", tmp_path / "digest", reference, launch, resumed, replacement)
 
 
-@pytest.mark.parametrize(
-    ("phase", "resumed"),
-    [("forward", FAIL_STEP), ("backward", FAIL_STEP), ("allreduce", FAIL_STEP), ("optimizer", FAIL_STEP + 1)],
-)  # fmt: skip
-def test_kill_with_a_hot_spare(
-    tmp_path: Path, reference_digest: str, phase: str, resumed: int
+def test_kill_in_the_optimizer_step_with_a_hot_spare(
+    tmp_path: Path, example_reference: str
 ) -> None:
-    spec = f"kill@step={FAIL_STEP},rank=2,phase={phase}"
-    drill(tmp_path, reference_digest, [resumed], "spare", "--spares", "1", "--inject", spec)
+    """The survivors had finished step 6's update: they continue from 7, and
+    so does the spare. (The other phases: test_kills_in_backward_allreduce_...)."""
+    spec = f"kill@step={FAIL_STEP},rank=2,phase=optimizer"
+    drill(tmp_path, example_reference, [FAIL_STEP + 1], "spare", "--spares", "1", "--inject", spec)
 
 
-def test_kill_without_spares_spawns_a_fresh_process(tmp_path: Path, reference_digest: str) -> None:
+def test_kill_without_spares_spawns_a_fresh_process(tmp_path: Path, example_reference: str) -> None:
     spec = f"kill@step={FAIL_STEP},rank=2,phase=forward"
-    drill(tmp_path, reference_digest, [FAIL_STEP], "fresh", "--inject", spec)
+    drill(tmp_path, example_reference, [FAIL_STEP], "fresh", "--inject", spec)
 
 
-def test_hang_in_backward_with_a_hot_spare(tmp_path: Path, reference_digest: str) -> None:
+def test_hang_in_backward_with_a_hot_spare(tmp_path: Path, example_reference: str) -> None:
     spec = f"hang@step={FAIL_STEP},rank=2,phase=backward"
-    drill(tmp_path, reference_digest, [FAIL_STEP], "spare", "--spares", "1", "--inject", spec)
+    drill(tmp_path, example_reference, [FAIL_STEP], "spare", "--spares", "1", "--inject", spec)
 
 
-def test_three_failures_refill_the_spare_pool(tmp_path: Path, reference_digest: str) -> None:
+def test_kills_in_backward_allreduce_and_forward_each_take_a_refilled_spare(
+    tmp_path: Path, example_reference: str
+) -> None:
+    """Three failures in three phases of a step, one spare: the pool is
+    refilled after each recovery, so each is replaced by a hot spare."""
     drill(
-        tmp_path, reference_digest, [3, 6, 9], "spare", "--spares", "1",
+        tmp_path, example_reference, [3, 6, 9], "spare", "--spares", "1",
         "--inject", "kill@step=3,rank=1,phase=backward",
         "--inject", "kill@step=6,rank=2,phase=allreduce",
         "--inject", "kill@step=9,rank=1,phase=forward",
@@ -107,7 +99,7 @@ def test_three_failures_refill_the_spare_pool(tmp_path: Path, reference_digest: 
 
 @pytest.mark.parametrize(("victim", "rank"), [("its replacement", 2), ("a survivor", 1)])
 def test_failure_during_recovery_falls_back_to_restart(
-    tmp_path: Path, reference_digest: str, victim: str, rank: int
+    tmp_path: Path, example_reference: str, victim: str, rank: int
 ) -> None:
     """Rank 2 dies; then, inside that recovery (new group formed, before any
     state moves), its replacement or a survivor dies too. The launcher must
@@ -120,7 +112,7 @@ def test_failure_during_recovery_falls_back_to_restart(
         *train_args(run_dir, digest),
     )  # fmt: skip
     assert launch.returncode == 0, show(launch)
-    assert digest.read_text().strip() == reference_digest, "final state differs"
+    assert digest.read_text().strip() == example_reference, "final state differs"
     reason = f"rank {rank} ({victim}) failed during in-process recovery 1"
     assert f"in-process recovery does not apply ({reason}); restarting all workers" in (
         launch.output
@@ -144,7 +136,7 @@ THREAD_MARGIN = 1
 FD_MARGIN = 2
 
 
-def test_ten_recoveries_give_back_threads_and_fds(tmp_path: Path, reference_digest: str) -> None:
+def test_ten_recoveries_give_back_threads_and_fds(tmp_path: Path, example_reference: str) -> None:
     """10 kills in one run (ranks 1-3 in turn, forward/backward/allreduce),
     one hot spare: every process that finishes has, once its graveyard is
     empty, the threads and fds it had before (its `resources` event two

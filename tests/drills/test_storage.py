@@ -11,54 +11,49 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jobs import EXAMPLE, TINY, jitckpt_run, run_tagged, show
+from conftest import example_args
+from jobs import TINY, jitckpt_run, run_tagged, show
 
 from jitckpt import storage
 from jitckpt.events import read_events
 
 
-def test_periodic_backstop_covers_a_failure_jit_cannot(tmp_path: Path) -> None:
-    """Periodic checkpoints every 20 steps; a failure at 25 whose JIT
-    checkpoints are lost (simulated: removed) resumes from step 20, and the
+def test_periodic_backstop_covers_a_failure_jit_cannot(
+    tmp_path: Path, example_reference: str
+) -> None:
+    """Periodic checkpoints every 4 steps; a failure at 6 whose JIT
+    checkpoints are lost (simulated: removed) resumes from step 4, and the
     run ends bitwise equal to a failure-free one: the periodic copy, taken
-    while forward and backward ran, is exactly the state of step 20."""
+    while forward and backward ran, is exactly the state of step 4."""
     run_dir = tmp_path / "run"
-
-    def args(run: Path, digest: Path) -> list[str]:
-        return [
-            str(EXAMPLE), "--steps", "62", "--run-dir", str(run), "--digest", str(digest),
-            "--save-every", "20", "--deterministic",
-        ]  # fmt: skip
-
-    reference = jitckpt_run(*args(tmp_path / "ref", tmp_path / "ref.digest"))
-    assert reference.returncode == 0, show(reference)
+    args = [*example_args(run_dir, tmp_path / "digest"), "--save-every", "4"]
     first = jitckpt_run(
         # The restart path with no restart left: the job ends at the failure.
-        "--recovery", "restart", "--max-restarts", "0", "--inject", "kill@step=25,rank=2,phase=backward",
-        *args(run_dir, tmp_path / "digest"),
+        "--recovery", "restart", "--max-restarts", "0", "--inject", "kill@step=6,rank=2,phase=backward",
+        *args,
     )  # fmt: skip
     assert first.returncode != 0, show(first)
     kinds: dict[str, int] = {}
     for c in storage.run_storage(run_dir).candidates():
         kinds[c.manifest.kind] = max(kinds.get(c.manifest.kind, -1), c.step)
-    assert kinds.get("jit") == 25 and kinds.get("periodic") == 20, kinds
+    assert kinds.get("jit") == 6 and kinds.get("periodic") == 4, kinds
     # JIT could not help (simulated: its checkpoints are gone).
     for candidate in storage.run_storage(run_dir).candidates():
         if candidate.manifest and candidate.manifest.kind == "jit":
             shutil.rmtree(candidate.path)
-    second = jitckpt_run(*args(run_dir, tmp_path / "digest"))
+    second = jitckpt_run(*args)
     assert second.returncode == 0, show(second)
-    assert "jitckpt: resumed from step 20 (periodic checkpoint" in second.output
+    assert "jitckpt: resumed from step 4 (periodic checkpoint" in second.output
     restore = [e for e in read_events(run_dir) if e["event"] == "restore"]
-    assert [(e["kind"], e["step"]) for e in restore] == [("periodic", 20)] * 4
-    assert (tmp_path / "digest").read_text() == (tmp_path / "ref.digest").read_text()
+    assert [(e["kind"], e["step"]) for e in restore] == [("periodic", 4)] * 4
+    assert (tmp_path / "digest").read_text().strip() == example_reference
     periodic = [e for e in read_events(run_dir) if e["event"] == "save" and e["kind"] == "periodic"]
-    assert {e["step"] for e in periodic} == {20, 40, 60}
+    assert {e["step"] for e in periodic} == {4, 8, 12}
     assert all(e["rank"] == 0 for e in periodic), "replicas are identical: rank 0 writes alone"
     # Retention keeps the two newest periodic steps.
     assert sorted(
         c.step for c in storage.run_storage(run_dir).candidates() if c.manifest.kind == "periodic"
-    ) == [40, 60]
+    ) == [8, 12]
 
 
 def test_inspect_lists_valid_and_invalid_checkpoints(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ from jitckpt.errors import FaultSpecError
 from jitckpt.inject import KINDS as INJECT_KINDS
 from jitckpt.inject import PHASES as INJECT_PHASES
 from jitckpt.inject import parse_spec
-from jitckpt.launch.warmpool import start_pool
+from jitckpt.launch.warmpool import WarmPool, start_pool
+from jitckpt.launch.wire import startup_env
 
 # Restarts allowed by default: torchrun's default is 0, which turns the first
 # failure into the end of the job. Each failure costs one restart.
@@ -100,47 +101,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # The warm pool's zygote imports torch (~3 s here), and so does this
+    # launcher's parser (~1.6 s): started first, the zygote's import runs
+    # beside ours instead of after it.
+    pool = _early_pool(argv)
+    launched = False
+    control_dir: Path | None = None
     try:
-        specs = [parse_spec(text) for text in args.inject]
-    except FaultSpecError as exc:
-        parser.error(f"--inject: {exc}")
-    if args.spares < 0:
-        parser.error("--spares must be 0 or more")
-    if args.term_grace <= 0:
-        parser.error("--term-grace must be positive")
-    if args.standalone:
-        args.rdzv_backend = "c10d"
-        args.rdzv_endpoint = "localhost:0"
-        args.rdzv_id = str(uuid.uuid4())
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            specs = [parse_spec(text) for text in args.inject]
+        except FaultSpecError as exc:
+            parser.error(f"--inject: {exc}")
+        if args.spares < 0:
+            parser.error("--spares must be 0 or more")
+        if args.term_grace <= 0:
+            parser.error("--term-grace must be positive")
+        if args.standalone:
+            args.rdzv_backend = "c10d"
+            args.rdzv_endpoint = "localhost:0"
+            args.rdzv_id = str(uuid.uuid4())
 
-    from torch.distributed.run import config_from_args
+        from torch.distributed.run import config_from_args
 
-    config, cmd, cmd_args = config_from_args(args)
-    rest: list[str] | None = None
-    if args.no_python or args.run_path:
-        entry_args = cmd_args
-    else:
-        # config_from_args gave [-u, (-m), script, args...]: run it through the bootstrap.
-        rest = cmd_args[1:]
-        if rest[:1] == ["-m"]:
-            rest = ["--module", *rest[1:]]
-        entry_args = ["-u", "-m", "jitckpt.launch.bootstrap", *rest]
+        config, cmd, cmd_args = config_from_args(args)
+        rest: list[str] | None = None
+        if args.no_python or args.run_path:
+            entry_args = cmd_args
+        else:
+            # config_from_args gave [-u, (-m), script, args...]: run it through the bootstrap.
+            rest = cmd_args[1:]
+            if rest[:1] == ["-m"]:
+                rest = ["--module", *rest[1:]]
+            entry_args = ["-u", "-m", "jitckpt.launch.bootstrap", *rest]
+        warm = rest is not None and args.warm_pool
+        if pool is not None and (not warm or pool.startup != startup_env(dict(os.environ))):
+            # The early guess was wrong (no pool wanted after all, or workers
+            # with other start-up variables, which the zygote would refuse).
+            pool.close(unused=True)
+            pool = None
 
-    control_dir = Path(tempfile.mkdtemp(prefix="jitckpt-control-"))
-    os.environ[protocol.CONTROL_DIR_ENV] = str(control_dir)
-    os.environ[protocol.AGENT_PID_ENV] = str(os.getpid())
-    if specs:
-        os.environ[protocol.INJECT_ENV] = ";".join(str(spec) for spec in specs)
-    pool = None
-    try:
-        if rest is not None and args.warm_pool:
-            # Started last, under the environment the workers get, so that it
-            # imports torch as they would (OMP_NUM_THREADS above all).
+        control_dir = Path(tempfile.mkdtemp(prefix="jitckpt-control-"))
+        os.environ[protocol.CONTROL_DIR_ENV] = str(control_dir)
+        os.environ[protocol.AGENT_PID_ENV] = str(os.getpid())
+        if specs:
+            os.environ[protocol.INJECT_ENV] = ";".join(str(spec) for spec in specs)
+        if warm and pool is None:
+            # Under the environment the workers get, so that it imports torch
+            # as they would (OMP_NUM_THREADS above all).
             pool = start_pool()
-            if pool is not None:
-                entry_args = pool.client_args(rest)
+        if pool is not None:
+            assert rest is not None
+            entry_args = pool.client_args(rest)
         inprocess = args.recovery == "auto" and config.max_nodes == 1
         if args.spares and not inprocess:
             parser.error("--spares needs in-process recovery (--recovery auto, one node)")
@@ -150,13 +163,38 @@ def run(argv: list[str]) -> int:
                 # The agent's poll is what notices an exit for in-process
                 # recovery: torchrun's 0.1 s is most of its detection time.
                 config.monitor_interval = INPROCESS_MONITOR_INTERVAL_S
+        launched = True
         return _launch(
             config, cmd, entry_args, control_dir, args.term_grace, inprocess, args.spares
         )
     finally:
         if pool is not None:
-            pool.close()
-        shutil.rmtree(control_dir, ignore_errors=True)
+            pool.close(unused=not launched)
+        if control_dir is not None:
+            shutil.rmtree(control_dir, ignore_errors=True)
+
+
+def _early_pool(argv: list[str]) -> WarmPool | None:
+    """Start the warm pool before torch is imported here, when a cheap look
+    at the flags says the workers will use it. The real parser decides
+    later (run() closes a pool started on a wrong guess): a script argument
+    that looks like a launcher flag costs at most a zygote for nothing."""
+    if "-h" in argv or "--help" in argv:
+        return None
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    peek.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", default="1")
+    for flag in ("--no-warm-pool", "--no-python", "--no_python", "--run-path", "--run_path"):
+        peek.add_argument(flag, action="store_true")
+    try:
+        known, _ = peek.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return None
+    if known.no_warm_pool or known.no_python or known.run_path or not known.nproc.isdigit():
+        return None
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and int(known.nproc) > 1:
+        env["OMP_NUM_THREADS"] = "1"  # what torchrun's config_from_args will set
+    return start_pool(env)
 
 
 def _launch(  # type: ignore[no-untyped-def]

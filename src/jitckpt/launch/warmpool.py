@@ -59,7 +59,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from jitckpt.launch.wire import say
+from jitckpt.launch.wire import say, startup_env
 from jitckpt.protocol import WARMPOOL_SOCKET_ENV
 
 if TYPE_CHECKING:
@@ -75,12 +75,20 @@ class WarmPool:
     """A running zygote, as the launcher holds it."""
 
     def __init__(
-        self, socket_path: str, directory: str, process: subprocess.Popen[bytes], lifeline_fd: int
+        self,
+        socket_path: str,
+        directory: str,
+        process: subprocess.Popen[bytes],
+        lifeline_fd: int,
+        startup: dict[str, str],
     ) -> None:
         self.socket_path = socket_path
         self.directory = directory
         self.process = process
         self.lifeline_fd = lifeline_fd
+        # The start-up variables the zygote imported torch under: a worker
+        # whose own differ is refused (it would start cold).
+        self.startup = startup
 
     @staticmethod
     def client_args(worker_args: list[str]) -> list[str]:
@@ -88,11 +96,16 @@ class WarmPool:
         ``--module MOD ARGS...``, as for jitckpt.launch.bootstrap) through the pool."""
         return ["-u", "-m", "jitckpt.launch.warmpool", "client", *worker_args]
 
-    def close(self) -> None:
-        """Stop the zygote (it kills any worker left) and remove its socket."""
+    def close(self, *, unused: bool = False) -> None:
+        """Stop the zygote (it kills any worker left) and remove its socket.
+        ``unused``: no worker was ever started through it, so it may be
+        SIGKILLed at once instead of waited for (a zygote still importing
+        reads its lifeline only once it serves)."""
         import shutil
         import subprocess
 
+        if unused:
+            self.process.kill()
         if self.lifeline_fd >= 0:
             os.close(self.lifeline_fd)  # EOF on the lifeline: the zygote exits
             self.lifeline_fd = -1
@@ -107,11 +120,12 @@ class WarmPool:
             del os.environ[WARMPOOL_SOCKET_ENV]
 
 
-def start_pool() -> WarmPool | None:
+def start_pool(env: dict[str, str] | None = None) -> WarmPool | None:
     """Start a zygote and export its socket path; None (after one line on
-    stderr) when it cannot be started, and workers then start cold. Start it
-    after the workers' environment is settled (OMP_NUM_THREADS in particular):
-    the zygote imports torch under the environment it is started with."""
+    stderr) when it cannot be started, and workers then start cold. The
+    zygote imports torch under ``env`` (default: this process's environment),
+    which must hold the start-up variables the workers will have
+    (OMP_NUM_THREADS in particular: jitckpt.launch.wire.startup_env)."""
     import subprocess
     import tempfile
 
@@ -133,6 +147,7 @@ def start_pool() -> WarmPool | None:
                 str(lifeline_r),
             ],
             pass_fds=(listener.fileno(), lifeline_r),
+            env=env,
             stdin=subprocess.DEVNULL,
             # Terminal signals (Ctrl-C) go to the launcher, which stops the
             # workers and then the zygote, in that order.
@@ -149,7 +164,7 @@ def start_pool() -> WarmPool | None:
         listener.close()
         os.close(lifeline_r)
     os.environ[WARMPOOL_SOCKET_ENV] = path
-    return WarmPool(path, directory, process, lifeline_w)
+    return WarmPool(path, directory, process, lifeline_w, startup_env(dict(env or os.environ)))
 
 
 def main(argv: list[str]) -> None:

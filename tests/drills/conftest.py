@@ -1,0 +1,33 @@
+"""Failure-free reference runs shared by every drill file whose run has the
+same configuration: each costs a launch (~10 s here), and the state a
+failure-free run ends in does not depend on the recovery path, the log
+interval or the periodic backstop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jobs import EXAMPLE, jitckpt_run, show
+
+# The example GPT drills: 4 ranks, deterministic mode, this many steps.
+EXAMPLE_STEPS = 12
+
+
+def example_args(run_dir: Path, digest: Path, steps: int = EXAMPLE_STEPS) -> list[str]:
+    """The example GPT in deterministic mode, logging every step."""
+    return [
+        str(EXAMPLE), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
+        "--log-every", "1", "--deterministic",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def example_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The final digest of the failure-free example GPT run (4 ranks,
+    deterministic, EXAMPLE_STEPS steps) that its drills must end equal to."""
+    base = tmp_path_factory.mktemp("example-reference")
+    launch = jitckpt_run(*example_args(base / "run", base / "digest"))
+    assert launch.returncode == 0, show(launch)
+    assert launch.resumed_steps() == []
+    return (base / "digest").read_text().strip()
