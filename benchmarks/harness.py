@@ -1,5 +1,5 @@
 """The benchmarks' harness: what the scripts in benchmarks/ share, in one
-module they import as a sibling (they run as ``python benchmarks/NAME.py``).
+module they import as a sibling (each runs as ``python benchmarks/<script>.py``).
 Its users: recovery.py and recovery_report.py (the recovery benchmark and
 its report), drills.py and drills_torchft.py (the recovery drills of
 suite.py), suite.py (the tag and the cleanup), suite_report.py (the part

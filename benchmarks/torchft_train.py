@@ -1,4 +1,4 @@
-"""One replica group of the torchft peer benchmark (benchmarks/peer_drills.py).
+"""One replica group of the torchft peer benchmark (benchmarks/drills_torchft.py).
 
 The example GPT (examples/train_gpt_plain.py's model and data), AdamW and
 the example's LR schedule, trained data-parallel across replica groups with

@@ -1,5 +1,5 @@
 """The docs stand on their own and stay true to the code: every
-``jitckpt.x.y`` a doc or docstring names exists, every citation of a doc
+dotted ``jitckpt.<module>.<name>`` a doc or docstring names exists, every citation of a doc
 section names a heading that exists, and nothing cites files outside the
 repository."""
 
@@ -56,7 +56,7 @@ def headings(doc: Path) -> set[str]:
 
 
 def test_every_cited_doc_section_exists() -> None:
-    """Citations read ``docs/NAME.md, "Heading"`` (in comments they may wrap
+    """Citations read ``docs/<name>.md, "Heading"`` (in comments they may wrap
     over lines) or ``docs/promises.md, PN``."""
     problems = []
     for path in tracked("*.py", "*.md", "*.sh"):
@@ -84,3 +84,19 @@ def test_nothing_cites_files_outside_the_repository() -> None:
         and path.name != "test_docs.py"
     ]
     assert outside == []
+
+
+def test_every_named_repository_file_exists() -> None:
+    """``tests/drills/test_fsdp.py``, ``docs/sharded.md``...: files a doc or
+    comment points the reader to."""
+    missing = []
+    pattern = (
+        r"(?<![\w/.-])((?:tests|docs|benchmarks|scripts|examples|src)/[\w/.-]*\w\.(?:py|md|sh))"
+    )
+    for path in tracked("*.py", "*.md", "*.sh"):
+        text = path.read_text()
+        for match in re.finditer(pattern, text):
+            if not (REPO / match.group(1)).exists():
+                line = text[: match.start()].count("\n") + 1
+                missing.append(f"{path.relative_to(REPO)}:{line}: {match.group(1)}")
+    assert missing == []
