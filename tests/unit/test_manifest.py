@@ -69,16 +69,21 @@ def test_directory_name_names_step_kind_attempt_and_writer_and_sorts_by_step() -
     ]
 
 
+def _named(name: str, garble: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    garble.__name__ = name  # the test id
+    return garble
+
+
 def _drop(key: str) -> Callable[[dict[str, Any]], None]:
-    return lambda data: data.pop(key)
+    return _named(f"no-{key}", lambda data: data.pop(key))
 
 
 def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    return lambda data: data.__setitem__(key, value)
+    return _named(f"{key}={value!r}", lambda data: data.__setitem__(key, value))
 
 
 def _set_file(**entry: Any) -> Callable[[dict[str, Any]], None]:
-    return lambda data: data["files"].__setitem__(PAYLOAD, entry)
+    return _named(f"file={entry!r}", lambda data: data["files"].__setitem__(PAYLOAD, entry))
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,18 @@ def test_changed_dtype_is_refused() -> None:
         check_signature(saved, nn.Linear(4, 3).double(), "ckpt")
 
 
+def test_a_single_difference_is_enough_to_refuse() -> None:
+    saved = model_signature(make_model(0))
+    saved["1.running_var"] = [[8], "float16"]
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"^checkpoint ckpt does not fit this model: "
+        r"'1\.running_var' has shape \(8,\) float16 in the checkpoint but "
+        r"\(8,\) float32 in the model\. Nothing was loaded",
+    ):
+        check_signature(saved, make_model(0), "ckpt")
+
+
 def test_missing_and_extra_entries_are_named() -> None:
     saved = model_signature(nn.Linear(4, 3))
     del saved["bias"]
