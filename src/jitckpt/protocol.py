@@ -153,8 +153,13 @@ class ControlDir:
 
     # -- written by workers ------------------------------------------------------------
     def record_pid(self, name: str | int, pid: int) -> None:
+        # Published whole (write, then rename): a node fault may read the
+        # directory at any moment.
         (self.path / self.PIDS_DIR).mkdir(exist_ok=True)
-        (self.path / self.PIDS_DIR / str(name)).write_text(str(pid))
+        target = self.path / self.PIDS_DIR / str(name)
+        partial = target.with_name(f".{target.name}.{os.getpid()}")
+        partial.write_text(str(pid))
+        os.replace(partial, target)
 
     def forget_pid(self, name: str | int) -> None:
         (self.path / self.PIDS_DIR / str(name)).unlink(missing_ok=True)
@@ -177,7 +182,13 @@ class ControlDir:
         return target.read_text().strip() if target.exists() else None
 
     def pids(self) -> list[int]:
-        return [int(p.read_text()) for p in sorted((self.path / self.PIDS_DIR).glob("*"))]
+        found = []
+        for entry in sorted((self.path / self.PIDS_DIR).glob("[!.]*")):
+            try:
+                found.append(int(entry.read_text()))
+            except (OSError, ValueError):
+                continue  # gone meanwhile (a spare that was just assigned)
+        return found
 
     def is_saving(self, local_rank: str | int) -> bool:
         return (self.path / self.SAVING_DIR / str(local_rank)).exists()

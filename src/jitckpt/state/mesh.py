@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from jitckpt import protocol
 from jitckpt.errors import CheckpointMismatchError, JitckptError, exit_fatal
 
 # Collective timeout of the writers' fresh group: a writer that dies during
@@ -151,7 +152,9 @@ def init_device_mesh(
     (exit 78, no restart): no attempt of the same command can get past it,
     and torch's own error would surface only later, on some ranks."""
     world = (
-        dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        dist.get_world_size()
+        if dist.is_initialized()
+        else int(os.environ.get(protocol.WORLD_SIZE_ENV, "1"))
     )
     shape = tuple(int(n) for n in mesh_shape)
     problem = None
@@ -169,7 +172,7 @@ def init_device_mesh(
             f"(WORLD_SIZE); choose sizes whose product is {world}"
         )
     if problem is not None:
-        exit_fatal(f"device mesh: {problem}", int(os.environ.get("RANK", "0")))
+        exit_fatal(f"device mesh: {problem}", int(os.environ.get(protocol.RANK_ENV, "0")))
     from torch.distributed.device_mesh import init_device_mesh as torch_init_device_mesh
 
     return torch_init_device_mesh(device_type, shape, mesh_dim_names=mesh_dim_names)
