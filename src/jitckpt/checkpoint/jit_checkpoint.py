@@ -244,8 +244,21 @@ class JitCheckpoint:
         return self.ctx.world_size
 
     @property
+    def attempt(self) -> int:
+        """The restart attempt of this process (0 on the first start)."""
+        return self.ctx.attempt
+
+    @property
     def run_dir(self) -> Path:
         return self.ctx.run_dir
+
+    @property
+    def run_id(self) -> str:
+        return self.ctx.run_id
+
+    @property
+    def deterministic(self) -> bool:
+        return self.ctx.deterministic
 
     @property
     def events(self) -> EventLog:
