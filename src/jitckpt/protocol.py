@@ -21,6 +21,9 @@ The store's key space, per rendezvous round and restart attempt (see
       inproc/notice/G               the agent's notice of recovery G, JSON {generation, dead, t, failure_t}
       inproc/spare/ID               the agent's assignment of spare ID, JSON {rank, local_rank, generation}
       inproc/done/G                 counter: ranks done with recovery G
+      inproc/finished/G/RANK        RANK is done with recovery G (names the laggards)
+      inproc/step/G                 the step recovery G resumed at (written by its source)
+      inproc/progressed/G           counter: ranks that completed that step after recovery G
       inproc/kill/RANK              a survivor asks the agent to kill a hung rank, JSON {generation}
       gen_G/...                     the default group formed by recovery G
 """
@@ -118,6 +121,9 @@ INPROC_GENERATION_COUNTER = "inproc/generation"
 INPROC_NOTICE_KEY = "inproc/notice/{generation}"
 INPROC_SPARE_KEY = "inproc/spare/{spare}"
 INPROC_DONE_COUNTER = "inproc/done/{generation}"
+INPROC_RANK_DONE_KEY = "inproc/finished/{generation}/{rank}"
+INPROC_STEP_KEY = "inproc/step/{generation}"
+INPROC_PROGRESSED_COUNTER = "inproc/progressed/{generation}"
 INPROC_KILL_KEY = "inproc/kill/{rank}"
 
 

@@ -5,21 +5,8 @@ interval or the periodic backstop."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from jobs import EXAMPLE, jitckpt_run, show
-
-# The example GPT drills: 4 ranks, deterministic mode, this many steps.
-EXAMPLE_STEPS = 12
-
-
-def example_args(run_dir: Path, digest: Path, steps: int = EXAMPLE_STEPS) -> list[str]:
-    """The example GPT in deterministic mode, logging every step."""
-    return [
-        str(EXAMPLE), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
-        "--log-every", "1", "--deterministic",
-    ]  # fmt: skip
+from jobs import example_args, jitckpt_run, show
 
 
 @pytest.fixture(scope="session")

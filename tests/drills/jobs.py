@@ -151,3 +151,15 @@ def two_nodes(inject: str, *script: str) -> tuple[list[int], str]:
     finally:
         kill_tagged(tag)
     return sorted(agent.returncode for agent in agents), "\n".join(o[-4000:] for o in outputs)
+
+
+# The example GPT drills: 4 ranks, deterministic mode, this many steps.
+EXAMPLE_STEPS = 12
+
+
+def example_args(run_dir: Path, digest: Path, steps: int = EXAMPLE_STEPS) -> list[str]:
+    """The example GPT in deterministic mode, logging every step."""
+    return [
+        str(EXAMPLE), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
+        "--log-every", "1", "--deterministic",
+    ]  # fmt: skip

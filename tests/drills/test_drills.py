@@ -14,8 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_STEPS, example_args
-from jobs import Launch, jitckpt_run, kill_tagged, show
+from jobs import EXAMPLE_STEPS, Launch, example_args, jitckpt_run, kill_tagged, show
 
 from jitckpt.analysis.summary import summarize
 from jitckpt.events import read_events

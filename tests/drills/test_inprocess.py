@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_STEPS, example_args
-from jobs import TINY, Launch, jitckpt_run, show
+from jobs import EXAMPLE_STEPS, TINY, Launch, example_args, jitckpt_run, show
 
 from jitckpt.analysis.summary import summarize, summarize_in_process
 from jitckpt.events import read_events
@@ -219,3 +218,73 @@ def test_user_collective_in_the_step_is_woken(tmp_path: Path) -> None:
             assert not reduced, (key, got[key])
         else:
             assert reduced and loss == expected[key][0], (key, got[key], expected[key])
+
+
+def test_a_plain_collective_in_the_step_falls_back_within_seconds_saying_why(
+    tmp_path: Path,
+) -> None:
+    """Rank 2 dies in its optimizer step while the survivors wait in the
+    script's own plain torch.distributed.all_reduce of the loss, which no
+    recovery notice reaches. Gloo fails it on the survivors within
+    milliseconds, so the launcher falls back to the restart path at once
+    and says why; never a wait for gloo's 30-minute timeout."""
+    run_dir = tmp_path / "run"
+    launch = jitckpt_run(
+        "--spares", "1", "--inject", "kill@step=5,rank=2,phase=optimizer",
+        str(TINY), "--run-dir", str(run_dir), "--steps", "8", "--plain-loss-all-reduce",
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    events = read_events(run_dir)
+    (fallback,) = [e for e in events if e["event"] == "inproc_fallback"]
+    assert (
+        "(a survivor)" in fallback["reason"]
+        and "failed during in-process recovery 1" in (fallback["reason"])
+    ), fallback
+    assert f"in-process recovery does not apply ({fallback['reason']})" in launch.output
+    (injected,) = [e for e in events if e["event"] == "fault_injected"]
+    assert fallback["t"] - injected["t"] < 5.0
+
+
+def test_a_recovery_that_never_ends_is_abandoned_after_the_timeout(tmp_path: Path) -> None:
+    """The fresh replacement for rank 2 never joins (it stalls before its
+    setup), so the survivors wait in the new group's formation. After
+    --recovery-timeout the launcher abandons the recovery, names the ranks
+    that never finished it, and the restart path resumes the run."""
+    run_dir = tmp_path / "run"
+    timeout_s = 4.0
+    launch = jitckpt_run(
+        "--recovery-timeout", str(timeout_s), "--inject", "kill@step=5,rank=2,phase=backward",
+        str(TINY), "--run-dir", str(run_dir), "--steps", "8", "--stall-replacement",
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    events = read_events(run_dir)
+    (fallback,) = [e for e in events if e["event"] == "inproc_fallback"]
+    assert fallback["reason"].startswith("in-process recovery 1 not done after"), fallback
+    assert "rank(s) [0, 1, 2, 3] never finished it" in fallback["reason"], fallback
+    (begin,) = [e for e in events if e["event"] == "inproc_begin"]
+    assert timeout_s <= fallback["t"] - begin["t"] <= timeout_s + 2.0
+    assert launch.resumed_steps() == [5], show(launch)
+
+
+def test_the_same_fault_again_at_the_same_step_takes_the_restart_path(tmp_path: Path) -> None:
+    """Rank 2 dies at the start of step 6; its replacement dies there too,
+    and so does the next one: a persistent fault. After MAX_SAME_FAULT_TRIES
+    in-process recoveries the launcher restarts every worker and says why."""
+    from jitckpt.launch.coordinator import MAX_SAME_FAULT_TRIES
+
+    run_dir = tmp_path / "run"
+    launch = jitckpt_run(
+        "--spares", "1", "--max-restarts", "0",
+        str(TINY), "--run-dir", str(run_dir), "--steps", "10", "--die-at", "6", "2",
+    )  # fmt: skip
+    assert launch.returncode != 0, "no restart was allowed: the job ends at the fallback"
+    output = launch.output
+    reason = (
+        f"rank 2 failed again at step 6 after {MAX_SAME_FAULT_TRIES} in-process recoveries "
+        "of it: a persistent fault, not a transient one"
+    )
+    assert f"in-process recovery does not apply ({reason}); restarting all workers" in output, show(
+        launch
+    )
+    begun = [e for e in read_events(run_dir) if e["event"] == "inproc_begin"]
+    assert [e["failed_rank"] for e in begun] == [2] * MAX_SAME_FAULT_TRIES, begun

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import example_args
-from jobs import TINY, jitckpt_run, run_tagged, show
+from jobs import TINY, example_args, jitckpt_run, run_tagged, show
 
 from jitckpt import storage
 from jitckpt.events import read_events

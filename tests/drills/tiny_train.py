@@ -5,6 +5,7 @@ chosen steps, and optionally a log of the samples each rank trained on."""
 import argparse
 import json
 import os
+import signal
 import time
 
 import torch
@@ -57,7 +58,29 @@ def main() -> None:
         help="average the loss over ranks with ckpt.all_reduce each step (a user collective) "
         "and append it to RUN_DIR/losses.jsonl",
     )
+    parser.add_argument(
+        "--die-at",
+        type=int,
+        nargs=2,
+        metavar=("STEP", "RANK"),
+        help="SIGKILL rank RANK at the start of step STEP every time it gets there (a "
+        "persistent fault, unlike --inject, which fires once per run directory)",
+    )
+    parser.add_argument(
+        "--plain-loss-all-reduce",
+        action="store_true",
+        help="average the loss over ranks with a plain torch.distributed.all_reduce after the "
+        "optimizer step (a collective no recovery notice reaches)",
+    )
+    parser.add_argument(
+        "--stall-replacement",
+        action="store_true",
+        help="a fresh replacement for a dead rank sleeps forever before its setup",
+    )
     args = parser.parse_args()
+    if args.stall_replacement and os.environ.get("JITCKPT_ROLE") == "replacement":
+        while True:
+            time.sleep(3600)
     torch.set_num_threads(1)
     distributed = "MASTER_ADDR" in os.environ
     if distributed:
@@ -82,6 +105,8 @@ def main() -> None:
             break
         if step in args.save_at:
             ckpt.save()
+        if args.die_at and (step, rank) == tuple(args.die_at):
+            os.kill(os.getpid(), signal.SIGKILL)
         index, x, y = next(batches)
         if args.log_samples:
             record = {
@@ -97,6 +122,8 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if args.plain_loss_all_reduce:
+            torch.distributed.all_reduce(loss.detach())
         if args.log_loss:
             average = loss.detach() / ckpt.world_size
             reduced = ckpt.all_reduce(average)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jitckpt.launch.agent import MAX_INPROCESS_RECOVERIES, in_process_refusal
+from jitckpt.launch.coordinator import MAX_INPROCESS_RECOVERIES, in_process_refusal
 
 
 def refusal(**changes: Any) -> str | None:

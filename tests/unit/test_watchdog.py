@@ -8,31 +8,12 @@ import threading
 import time
 
 import pytest
+from fakes import FakeStore
 
 from jitckpt import protocol
 from jitckpt.detect import watchdog
 from jitckpt.detect.watchdog import Heartbeat, Watchdog, hang_timeout, read_suspects
 from jitckpt.tracker import StepTracker
-
-
-class FakeStore:
-    """The part of a c10d store the heartbeats use: values come back as bytes."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
-        self.lock = threading.Lock()
-
-    def set(self, key: str, value: str | bytes) -> None:
-        with self.lock:
-            self.data[key] = value.encode() if isinstance(value, str) else bytes(value)
-
-    def get(self, key: str) -> bytes:
-        with self.lock:
-            return self.data[key]
-
-    def check(self, keys: list[str]) -> bool:
-        with self.lock:
-            return all(key in self.data for key in keys)
 
 
 def beat(store: FakeStore, rank: int, completed: int, progress: int, age_s: float = 0.0) -> None:

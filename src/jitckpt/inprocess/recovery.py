@@ -392,7 +392,11 @@ class InProcessRecovery:
             transfer_s=transfer_s,
             bytes=nbytes,
         )
-        attempt.store().add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
+        store = attempt.store()
+        if role == "source":
+            store.set(protocol.INPROC_STEP_KEY.format(generation=generation), str(step))
+        store.set(protocol.INPROC_RANK_DONE_KEY.format(generation=generation, rank=self.rank), "1")
+        store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
         self.recoveries += 1
         self._recovered_at_step = step
         with self._cond:
@@ -414,6 +418,11 @@ class InProcessRecovery:
             self._reducer_stale = False
             self._bury_retired()
         if self._recovered_at_step is not None and step == self._recovered_at_step + 1:
+            # The step the recovery resumed at is done: a failure from here on
+            # is not the same fault again (jitckpt.launch.coordinator).
+            attempt.store().add(
+                protocol.INPROC_PROGRESSED_COUNTER.format(generation=self.generation), 1
+            )
             self.events.emit(
                 ev.INPROC_STEP_DONE, generation=self.generation, step=step, **resource_counts()
             )

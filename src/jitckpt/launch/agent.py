@@ -3,8 +3,9 @@ these changes for JIT checkpointing.
 
 * Workers that ignore SIGTERM are killed after ``term_grace_s`` instead of
   torchrun's fixed 30 s when the job restarts (--shutdown-timeout does not
-  apply there: docs/platform.md, "The fixed 30 s SIGKILL grace on restart"). The grace stretches while a worker reports that it
-  is still writing its JIT checkpoint, up to MAX_SAVE_WAIT_S.
+  apply there: docs/platform.md, "The fixed 30 s SIGKILL grace on restart").
+  The grace stretches while a worker reports that it is still writing its
+  JIT checkpoint, up to MAX_SAVE_WAIT_S.
 * Workers build their group under a store prefix unique to the rendezvous
   round.
 * Every worker failure and restart is written to the run's event log.
@@ -12,19 +13,18 @@ these changes for JIT checkpointing.
   model, an unusable run directory) stops the restarts: no attempt can
   succeed, and the user should see the error at once.
 * With in-process recovery on, each worker runs in its own process context
-  (jitckpt.launch.workers) and a failed worker is replaced alone while the others
-  keep running (jitckpt.inprocess); when that cannot apply, the agent says
-  why and takes the restart path.
+  (jitckpt.launch.workers) and a failed worker is replaced alone while the
+  others keep running (jitckpt.launch.coordinator decides and follows each
+  recovery; jitckpt.inprocess is the workers' side); when that cannot apply,
+  the agent says why and takes the restart path.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 from jitckpt import compat, protocol
 from jitckpt import events as ev
 from jitckpt.events import EventLog
+from jitckpt.launch.coordinator import RECOVERY_DEADLINE_S, Coordinator, in_process_refusal
 from jitckpt.launch.workers import WorkerProcesses
 
 
@@ -51,10 +52,6 @@ def worker_group_run_id(agent: LocalElasticAgent) -> str | None:
 # The longest the agent waits for savers before SIGKILL, however long the
 # save: a bound for a writer stuck on dead storage.
 MAX_SAVE_WAIT_S = 300.0
-# In-process recoveries allowed per attempt before the restart path takes
-# over: a failure that strikes every replacement again (a bug, not a fault)
-# must not loop forever.
-MAX_INPROCESS_RECOVERIES = 50
 
 
 class JitAgent(LocalElasticAgent):
@@ -65,6 +62,7 @@ class JitAgent(LocalElasticAgent):
         term_grace_s: float,
         inprocess: bool = False,
         spares: int = 0,
+        recovery_timeout_s: float = RECOVERY_DEADLINE_S,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -73,13 +71,10 @@ class JitAgent(LocalElasticAgent):
         self.term_grace_s = term_grace_s
         self.inprocess = inprocess
         self.spares = spares
+        self.recovery_timeout_s = recovery_timeout_s
         self._events: EventLog | None = None
         self.fatal_message: str | None = None
-        self._recovery_store: dist.Store | None = None
-        self._recovering: int | None = None
-        # The ranks whose replacement is joining in the recovery under way.
-        self._replaced: set[int] = set()
-        self._recoveries = 0
+        self._coordinator: Coordinator | None = None
 
     def events(self) -> EventLog | None:
         """The run's event log, once a worker has said where the run dir is."""
@@ -140,9 +135,11 @@ class JitAgent(LocalElasticAgent):
             wait_for_workers=False,
         )
         prefix = protocol.attempt_prefix(os.environ[protocol.RDZV_ROUND_ENV], restart_count)
-        self._recovery_store = dist.PrefixStore(prefix, client)
-        self._recovering = None
-        self._recoveries = 0
+        self._coordinator = Coordinator(
+            dist.PrefixStore(prefix, client),
+            worker_group.workers[0].world_size,
+            self.recovery_timeout_s,
+        )
         return pids
 
     def _terminate_patiently(self, pcontext: Any, death_sig: signal.Signals) -> None:
@@ -210,11 +207,11 @@ class JitAgent(LocalElasticAgent):
 
     # -- in-process recovery ----------------------------------------------------------
     def _monitor_apart(self, worker_group: WorkerGroup, procs: WorkerProcesses) -> RunResult:
-        store = self._recovery_store
-        assert store is not None
-        self._serve_kill_requests(worker_group, procs, store)
+        coordinator = self._coordinator
+        assert coordinator is not None
+        self._serve_kill_requests(worker_group, procs, coordinator)
         procs.reap_spares()
-        if self._recovering is None:
+        if coordinator.current is None:
             # Not during a recovery: a starting spare would take CPU from it.
             procs.refill_spares()
         failures = procs.poll()
@@ -225,56 +222,50 @@ class JitAgent(LocalElasticAgent):
                     state=WorkerState.SUCCEEDED,
                     return_values={w.global_rank: None for w in worker_group.workers},
                 )
-            self._check_recovery_done(worker_group, store)
-            return RunResult(state=WorkerState.HEALTHY)
-        reason = self._why_not_in_process(worker_group, procs, failures, store)
+            stalled = coordinator.check()
+            if stalled is None:
+                return RunResult(state=WorkerState.HEALTHY)
+            # Nobody exited, but the recovery will not end: every worker restarts.
+            self._fall_back(stalled, [])
+            return RunResult(state=WorkerState.UNHEALTHY)
+        failed = {
+            local_rank: worker_group.workers[local_rank].global_rank for local_rank in failures
+        }
+        replaced = set(coordinator.current.replaced.values()) if coordinator.current else set()
+        reason = in_process_refusal(
+            failed_ranks=sorted(failed.values()),
+            recovering=coordinator.current.generation if coordinator.current else None,
+            replaced=replaced,
+            finished=len(failures) + len(procs.succeeded),
+            workers=len(procs.contexts),
+            fatal=bool(self.control.fatal_messages()),
+            recoveries=coordinator.recoveries,
+            repeated=coordinator.repeated(sorted(failed.values())),
+            not_capable=lambda: [
+                rank
+                for rank in range(coordinator.world_size)
+                if not coordinator.store.check([protocol.INPROC_CAPABLE_KEY.format(rank=rank)])
+            ],
+        )
         if reason is None:
-            self._recover_in_process(worker_group, procs, failures, store)
+            self._recover_in_process(worker_group, procs, failures, coordinator)
             return RunResult(state=WorkerState.HEALTHY)
+        self._fall_back(reason, sorted(failed.values()))
+        return RunResult(
+            state=WorkerState.FAILED,
+            failures={failed[local_rank]: failure for local_rank, failure in failures.items()},
+        )
+
+    def _fall_back(self, reason: str, failed_ranks: list[int]) -> None:
         events = self.events()
         if events is not None:
             events.emit(
-                ev.INPROC_FALLBACK,
-                path="restart",
-                reason=reason,
-                failed_ranks=sorted(
-                    worker_group.workers[local_rank].global_rank for local_rank in failures
-                ),
+                ev.INPROC_FALLBACK, path="restart", reason=reason, failed_ranks=failed_ranks
             )
         print(
             f"jitckpt: in-process recovery does not apply ({reason}); restarting all workers",
             file=sys.stderr,
             flush=True,
-        )
-        return RunResult(
-            state=WorkerState.FAILED,
-            failures={
-                worker_group.workers[local_rank].global_rank: failure
-                for local_rank, failure in failures.items()
-            },
-        )
-
-    def _why_not_in_process(
-        self,
-        worker_group: WorkerGroup,
-        procs: WorkerProcesses,
-        failures: dict[int, ProcessFailure],
-        store: dist.Store,
-    ) -> str | None:
-        world_size = worker_group.workers[0].world_size
-        return in_process_refusal(
-            failed_ranks=[worker_group.workers[i].global_rank for i in failures],
-            recovering=self._recovering,
-            replaced=self._replaced,
-            finished=len(failures) + len(procs.succeeded),
-            workers=len(procs.contexts),
-            fatal=bool(self.control.fatal_messages()),
-            recoveries=self._recoveries,
-            not_capable=lambda: [
-                rank
-                for rank in range(world_size)
-                if not store.check([protocol.INPROC_CAPABLE_KEY.format(rank=rank)])
-            ],
         )
 
     def _recover_in_process(
@@ -282,25 +273,15 @@ class JitAgent(LocalElasticAgent):
         worker_group: WorkerGroup,
         procs: WorkerProcesses,
         failures: dict[int, ProcessFailure],
-        store: dist.Store,
+        coordinator: Coordinator,
     ) -> None:
-        generation = store.add(protocol.INPROC_GENERATION_COUNTER, 1)
         dead = {local_rank: worker_group.workers[local_rank].global_rank for local_rank in failures}
-        notice = {
-            "generation": generation,
-            "dead": sorted(dead.values()),
-            "t": time.time(),
-            "failure_t": time.time(),  # when this agent saw the exit
-        }
-        store.set(protocol.INPROC_NOTICE_KEY.format(generation=generation), json.dumps(notice))
+        generation = coordinator.begin(dead)
         events = self.events()
         for local_rank, rank in dead.items():
             spare = procs.take_spare()
             if spare is not None:
-                assignment = {"rank": rank, "local_rank": local_rank, "generation": generation}
-                store.set(
-                    protocol.INPROC_SPARE_KEY.format(spare=spare.spare_id), json.dumps(assignment)
-                )
+                coordinator.assign_spare(spare.spare_id, rank, local_rank, generation)
                 procs.adopt(local_rank, spare)
                 kind = "spare"
             else:
@@ -318,77 +299,14 @@ class JitAgent(LocalElasticAgent):
                     replacement=kind,
                     replacement_pid=worker.id,
                 )
-        self._recovering = generation
-        self._replaced = set(dead.values())
-        self._recoveries += 1
-
-    def _check_recovery_done(self, worker_group: WorkerGroup, store: dist.Store) -> None:
-        if self._recovering is None:
-            return
-        key = protocol.INPROC_DONE_COUNTER.format(generation=self._recovering)
-        if store.add(key, 0) >= worker_group.workers[0].world_size:
-            self._recovering = None
 
     def _serve_kill_requests(
-        self, worker_group: WorkerGroup, procs: WorkerProcesses, store: dist.Store
+        self, worker_group: WorkerGroup, procs: WorkerProcesses, coordinator: Coordinator
     ) -> None:
         """Survivors that see a peer hang ask for it to be killed: the kill
         turns a hang into the exit that in-process recovery handles."""
-        for local_rank, context in procs.contexts.items():
-            rank = worker_group.workers[local_rank].global_rank
-            key = protocol.INPROC_KILL_KEY.format(rank=rank)
-            if not store.check([key]):
-                continue
-            request = json.loads(store.get(key).decode())
-            store.delete_key(key)
-            # A request made before the last recovery may name a rank that a
-            # replacement holds now: only the generation it was made in counts.
-            if int(request["generation"]) == store.add(protocol.INPROC_GENERATION_COUNTER, 0):
-                for handler in compat.subprocess_handlers(context).values():
-                    if handler.proc.poll() is None:
-                        handler.proc.kill()
-
-
-def in_process_refusal(
-    *,
-    failed_ranks: list[int],
-    recovering: int | None,
-    replaced: set[int],
-    finished: int,
-    workers: int,
-    fatal: bool,
-    recoveries: int,
-    not_capable: Callable[[], list[int]],
-) -> str | None:
-    """Why a failure of ``failed_ranks`` cannot be recovered in process (the
-    reason the launcher prints), or None when it can.
-
-    Args:
-        recovering: the generation of a recovery under way, if any.
-        replaced: the ranks whose replacement joins in that recovery.
-        finished: local workers that failed now or finished earlier.
-        workers: local workers in all.
-        fatal: a worker reported an error no restart can fix.
-        recoveries: in-process recoveries in this attempt so far.
-        not_capable: the ranks that have not said they can recover in
-            process (asked last: it reads the store).
-    """
-    if recovering is not None:
-        who = ", ".join(
-            f"rank {rank} ({'its replacement' if rank in replaced else 'a survivor'})"
-            for rank in sorted(failed_ranks)
-        )
-        return f"{who} failed during in-process recovery {recovering}"
-    if finished >= workers:
-        return "no surviving worker"
-    if fatal:
-        return "a worker reported a fatal error"
-    if recoveries >= MAX_INPROCESS_RECOVERIES:
-        return f"{MAX_INPROCESS_RECOVERIES} in-process recoveries in this attempt"
-    missing = not_capable()
-    if missing:
-        return (
-            f"rank(s) {missing} not ready for it (it needs deterministic mode, DDP, "
-            f"and a failure after training started)"
-        )
-    return None
+        ranks = {worker_group.workers[i].global_rank: i for i in procs.contexts}
+        for rank in coordinator.kill_requests(sorted(ranks)):
+            for handler in compat.subprocess_handlers(procs.contexts[ranks[rank]]).values():
+                if handler.proc.poll() is None:
+                    handler.proc.kill()

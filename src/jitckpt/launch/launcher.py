@@ -32,6 +32,7 @@ from jitckpt.errors import FaultSpecError
 from jitckpt.inject import KINDS as INJECT_KINDS
 from jitckpt.inject import PHASES as INJECT_PHASES
 from jitckpt.inject import parse_spec
+from jitckpt.launch.coordinator import RECOVERY_DEADLINE_S
 from jitckpt.launch.warmpool import WarmPool, start_pool
 from jitckpt.launch.wire import startup_env
 
@@ -90,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
         "its place (default 0: a fresh process is spawned instead)",
     )
     parser.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=RECOVERY_DEADLINE_S,
+        metavar="SECONDS",
+        help="abandon an in-process recovery that is not done after this long for the restart "
+        "path, naming the ranks that never finished it (default "
+        f"{RECOVERY_DEADLINE_S:g})",
+    )
+    parser.add_argument(
         "--recovery",
         choices=("auto", "restart"),
         default="auto",
@@ -118,6 +128,8 @@ def run(argv: list[str]) -> int:
             parser.error("--spares must be 0 or more")
         if args.term_grace <= 0:
             parser.error("--term-grace must be positive")
+        if args.recovery_timeout <= 0:
+            parser.error("--recovery-timeout must be positive")
         if args.standalone:
             args.rdzv_backend = "c10d"
             args.rdzv_endpoint = "localhost:0"
@@ -165,7 +177,14 @@ def run(argv: list[str]) -> int:
                 config.monitor_interval = INPROCESS_MONITOR_INTERVAL_S
         launched = True
         return _launch(
-            config, cmd, entry_args, control_dir, args.term_grace, inprocess, args.spares
+            config,
+            cmd,
+            entry_args,
+            control_dir,
+            args.term_grace,
+            inprocess,
+            args.spares,
+            args.recovery_timeout,
         )
     finally:
         if pool is not None:
@@ -205,6 +224,7 @@ def _launch(  # type: ignore[no-untyped-def]
     term_grace_s: float,
     inprocess: bool = False,
     spares: int = 0,
+    recovery_timeout_s: float = RECOVERY_DEADLINE_S,
 ) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -248,6 +268,7 @@ def _launch(  # type: ignore[no-untyped-def]
         term_grace_s=term_grace_s,
         inprocess=inprocess,
         spares=spares,
+        recovery_timeout_s=recovery_timeout_s,
         **compat.agent_config_extras(config),
     )
     status = 1

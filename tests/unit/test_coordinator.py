@@ -1,0 +1,92 @@
+"""The agent's side of in-process recovery (jitckpt.launch.coordinator):
+the notice, spare assignments, the deadline, kill requests, and telling a
+persistent fault from a transient one."""
+
+from __future__ import annotations
+
+import json
+
+from fakes import FakeStore
+
+from jitckpt import protocol
+from jitckpt.launch.coordinator import MAX_SAME_FAULT_TRIES, Coordinator, in_process_refusal
+
+
+def coordinator(deadline_s: float = 20.0) -> Coordinator:
+    return Coordinator(FakeStore(), world_size=4, deadline_s=deadline_s)
+
+
+def test_a_recovery_publishes_a_notice_for_the_next_generation() -> None:
+    c = coordinator()
+    assert c.begin({2: 2}) == 1
+    assert c.begin({1: 1}) == 2
+    notice = json.loads(c.store.get(protocol.INPROC_NOTICE_KEY.format(generation=2)))
+    assert notice["generation"] == 2 and notice["dead"] == [1]
+    assert c.recoveries == 2 and c.current is not None and c.current.generation == 2
+
+
+def test_a_spare_is_told_its_rank_and_generation() -> None:
+    c = coordinator()
+    c.assign_spare("abc-1", rank=2, local_rank=2, generation=1)
+    assignment = json.loads(c.store.get(protocol.INPROC_SPARE_KEY.format(spare="abc-1")))
+    assert assignment == {"rank": 2, "local_rank": 2, "generation": 1}
+
+
+def test_a_recovery_ends_when_every_rank_is_done() -> None:
+    c = coordinator()
+    generation = c.begin({2: 2})
+    for rank in range(4):
+        assert c.check() is None and c.current is not None
+        c.store.set(protocol.INPROC_RANK_DONE_KEY.format(generation=generation, rank=rank), "1")
+        c.store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
+    assert c.check() is None and c.current is None
+
+
+def test_a_recovery_past_its_deadline_names_the_ranks_that_never_finished() -> None:
+    c = coordinator(deadline_s=0.0)
+    generation = c.begin({2: 2})
+    for rank in (0, 2):
+        c.store.set(protocol.INPROC_RANK_DONE_KEY.format(generation=generation, rank=rank), "1")
+        c.store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
+    reason = c.check()
+    assert reason is not None
+    assert f"in-process recovery {generation} not done after" in reason
+    assert "rank(s) [1, 3] never finished it" in reason
+
+
+def test_only_kill_requests_of_the_current_generation_count() -> None:
+    c = coordinator()
+    c.begin({2: 2})  # generation 1
+    stale = json.dumps({"generation": 0})
+    c.store.set(protocol.INPROC_KILL_KEY.format(rank=1), stale)
+    c.store.set(protocol.INPROC_KILL_KEY.format(rank=3), json.dumps({"generation": 1}))
+    assert c.kill_requests([0, 1, 2, 3]) == [3]
+    assert c.kill_requests([0, 1, 2, 3]) == [], "a request is consumed"
+
+
+def test_the_same_rank_failing_again_before_its_step_completes_is_counted() -> None:
+    c = coordinator()
+    assert c.repeated([2]) == {2: (0, None)}  # a first failure
+    generation = c.begin({2: 2})
+    c.store.set(protocol.INPROC_STEP_KEY.format(generation=generation), "6")
+    assert c.repeated([2]) == {2: (1, 6)}  # again at step 6
+    generation = c.begin({2: 2})
+    c.store.set(protocol.INPROC_STEP_KEY.format(generation=generation), "6")
+    tries = c.repeated([2])
+    assert tries == {2: (MAX_SAME_FAULT_TRIES, 6)}
+    reason = in_process_refusal(
+        failed_ranks=[2], recovering=None, replaced=set(), finished=1, workers=4, fatal=False,
+        recoveries=2, not_capable=lambda: [], repeated=tries,
+    )  # fmt: skip
+    assert reason == (
+        f"rank 2 failed again at step 6 after {MAX_SAME_FAULT_TRIES} in-process recoveries "
+        "of it: a persistent fault, not a transient one"
+    )
+
+
+def test_a_failure_after_the_recovered_step_completed_is_a_new_fault() -> None:
+    c = coordinator()
+    generation = c.begin({2: 2})
+    c.store.add(protocol.INPROC_PROGRESSED_COUNTER.format(generation=generation), 1)
+    assert c.repeated([2]) == {2: (0, None)}
+    assert c.repeated([1]) == {1: (0, None)}, "another rank is another fault"
