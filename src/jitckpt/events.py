@@ -91,8 +91,8 @@ DETECT = _event(
     "detect", "worker",
     f"cause detail {_POSITION} median_step_s since_boundary_s inprocess suspects stalled_s "
     "timeout_s",
-    "this rank noticed a failure (cause: exception, collective_error, sigterm, hang, "
-    "peer_failure); inprocess: a hung peer handed to in-process recovery",
+    "this rank noticed a failure (cause: exception, collective_error, cuda_error, sigterm, "
+    "hang, peer_failure); inprocess: a hung peer handed to in-process recovery",
 )  # fmt: skip
 SAVE = _event(
     "save", "worker",

@@ -43,6 +43,20 @@ def test_anything_else_is_this_ranks_own_exception(exc: BaseException) -> None:
     assert classify_exception(exc) == "exception"
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported",
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: unspecified launch failure",
+    ],
+)
+def test_a_poisoned_cuda_context_needs_a_new_process(message: str) -> None:
+    assert classify_exception(RuntimeError(message)) == "cuda_error"
+    # Out of memory leaves the context usable: this rank's own exception.
+    assert classify_exception(RuntimeError("CUDA out of memory. Tried to allocate")) == "exception"
+
+
 def test_suspects_are_named_in_rank_order() -> None:
     assert describe_suspects({3: "hung", 1: "dead"}) == "rank 1 dead, rank 3 hung"
     assert describe_suspects({}) == "none named"

@@ -47,6 +47,18 @@ COLLECTIVE_ERROR_MARKERS = (
     "Broken pipe",
 )
 
+# Substrings of CUDA errors that poison the process's CUDA context: every
+# later CUDA call fails, so this process can neither read its state from the
+# device nor go on; only a new process can (in-process recovery replaces it).
+CUDA_POISON_MARKERS = (
+    "device-side assert",
+    "illegal memory access",
+    "an illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "CUDA error: an illegal",
+)
+
 Save = Callable[[str, float | None], Path | None]
 
 
@@ -59,10 +71,14 @@ class HungPeers(Protocol):
 
 def classify_exception(exc: BaseException) -> str:
     """The detection cause of an exception that left the script:
-    ``collective_error`` (a peer died under a collective), else
-    ``exception`` (this rank's own failure, an injected one included)."""
+    ``cuda_error`` (this process's CUDA context is poisoned: it must be
+    replaced, and cannot save), ``collective_error`` (a peer died under a
+    collective), else ``exception`` (this rank's own failure, an injected
+    one included)."""
     if isinstance(exc, InjectedFault):
         return "exception"
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in CUDA_POISON_MARKERS):
+        return "cuda_error"
     if isinstance(exc, getattr(dist, "DistError", ())):
         return "collective_error"
     text = str(exc)
@@ -221,7 +237,14 @@ class FailurePath:
                     since_boundary_s=self.tracker.seconds_since_boundary(),
                     **extra,
                 )
-                if self.ready:
+                if cause == "cuda_error":
+                    # Any copy from the device would fail too: the other ranks
+                    # (whose devices are healthy) save.
+                    self.events.warn(
+                        ev.SAVE_SKIPPED,
+                        reason="this process's CUDA context is poisoned; the other ranks save",
+                    )
+                elif self.ready:
                     # The training thread cannot leave its dirty window while it
                     # runs this very handler, so don't wait for it there.
                     self._save(cause, 0.0 if on_main_thread else None)
