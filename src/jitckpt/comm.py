@@ -38,7 +38,22 @@ class Recovery(Protocol):
     def remove_waiter(self, event: threading.Event) -> None: ...
     def wait_notice(self, timeout: float) -> bool: ...
     def abandon(self, leftover: Any) -> None: ...
-    def recover(self, step: int, last_reduced: torch.Tensor | None) -> torch.Tensor | None: ...
+    def recover(self, position: int, last_reduced: torch.Tensor | None) -> torch.Tensor | None: ...
+
+
+def position(step: int, *, reduce: bool) -> int:
+    """Where a rank waits, as one comparable number: in the forward of step
+    ``step`` (DDP's buffer broadcast) or in the reduction of its gradients,
+    which comes after. In-process recovery compares the ranks' positions."""
+    return 2 * step + (1 if reduce else 0)
+
+
+def step_of(position: int) -> int:
+    return position // 2
+
+
+def at_reduce(position: int) -> bool:
+    return position % 2 == 1
 
 
 # How long a rank whose all-reduce failed (a ring neighbour of a dead rank)
@@ -118,7 +133,7 @@ class CanonicalAllreduce:
             return local
         while True:
             if recovery.pending():
-                received = recovery.recover(self.step(), self.last_reduced)
+                received = recovery.recover(position(self.step(), reduce=True), self.last_reduced)
                 if received is not None:
                     return received
             reduced = interruptible_all_reduce(recovery, local)
@@ -140,16 +155,22 @@ def interruptible_all_reduce(
     The copy matters: an abandoned all-reduce may still write into its
     buffer much later, so live tensors are never handed to gloo."""
     flat = tensor.detach().clone()
+    reduce_op = op if op is not None else dist.ReduceOp.SUM
+    done = _interruptibly(
+        recovery, flat, lambda: dist.all_reduce(flat, op=reduce_op, async_op=True)
+    )
+    return flat if done else None
+
+
+def _interruptibly(recovery: Recovery, buffer: torch.Tensor, start: Callable[[], Any]) -> bool:
+    """Run the collective ``start()`` launches on ``buffer`` (a private copy),
+    waited for from Python; True once it completed, False when a recovery
+    interrupted it (see interruptible_all_reduce)."""
     woken = threading.Event()
     recovery.add_waiter(woken)
     try:
-        work = dist.all_reduce(
-            flat,
-            op=op if op is not None else dist.ReduceOp.SUM,
-            group=dist.group.WORLD,
-            async_op=True,
-        )
-        done = work.get_future()  # type: ignore[union-attr]
+        work = start()
+        done = work.get_future()
         done.add_done_callback(lambda _, woken=woken: woken.set())
         woken.wait()
     finally:
@@ -161,9 +182,58 @@ def interruptible_all_reduce(
             if not recovery.wait_notice(NOTICE_TIMEOUT_S):
                 raise
         else:
-            return flat
-    recovery.abandon((work, done, flat))
-    return None
+            return True
+    recovery.abandon((work, done, buffer))
+    return False
+
+
+class BufferBroadcast:
+    """DDP's forward-time buffer broadcast (rank 0's buffers to every rank at
+    the start of each forward: BatchNorm's running statistics), as a DDP
+    buffer hook that a recovery wakes. A survivor waiting here when a peer
+    died recovers at this point (the forward of the step), then broadcasts
+    again on the new group, where the replacement's redone forward meets it.
+
+    Args:
+        recovery: in-process recovery.
+        step: the step in flight.
+        last_reduced: the gradient hook's last reduced gradient (a rank one
+            all-reduce behind may need it from this rank).
+    """
+
+    def __init__(
+        self,
+        recovery: Recovery,
+        step: Callable[[], int],
+        last_reduced: Callable[[], torch.Tensor | None],
+    ) -> None:
+        self.recovery = recovery
+        self.step = step
+        self.last_reduced = last_reduced
+
+    def hook(self, state: Any, named_buffers: dict[str, torch.Tensor]) -> None:
+        buffers = list(named_buffers.values())
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in buffers:
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        recovery = self.recovery
+        with torch.no_grad():
+            while True:
+                if recovery.pending():
+                    recovery.recover(position(self.step(), reduce=False), self.last_reduced())
+                flats = [torch.cat([b.reshape(-1) for b in group]) for group in by_dtype.values()]
+                if all(_interruptibly(recovery, flat, _broadcaster(flat)) for flat in flats):
+                    break
+            for flat, group in zip(flats, by_dtype.values(), strict=True):
+                offset = 0
+                for buffer in group:
+                    buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+                    offset += buffer.numel()
+        return None
+
+
+def _broadcaster(flat: torch.Tensor) -> Callable[[], Any]:
+    return lambda: dist.broadcast(flat, 0, async_op=True)
 
 
 def observed_allreduce_hook(on_bucket: BucketCallback) -> Callable[..., Any]:

@@ -28,6 +28,9 @@ Worker side (DDP, DCP):
 
 * ``DistributedDataParallel.reducer._update_process_group``: points a
   survivor's reducer at another group after an in-process recovery.
+* ``DistributedDataParallel._register_buffer_comm_hook`` (with
+  ``_BufferCommHookLocation.PRE_FORWARD``): DDP's forward-time buffer
+  broadcast through a hook that a recovery can wake.
 * ``torch.distributed.checkpoint._nested_dict.flatten_state_dict``: DCP's
   own key flattening, so digests key tensors exactly as DCP does.
 """
@@ -104,6 +107,16 @@ def repoint_reducer(ddp: Any, group: Any) -> None:
     """Point a DDP model's reducer at ``group`` (its only remaining use of a
     group is the bucket-rebuild broadcast)."""
     ddp.reducer._update_process_group(group)
+
+
+def register_buffer_hook(ddp: Any, hook: Callable[[Any, dict[str, Any]], Any]) -> None:
+    """Make ``hook(state, named_buffers)`` DDP's buffer sync at the start of
+    every forward, in place of its broadcast from rank 0."""
+    from torch.nn.parallel.distributed import _BufferCommHookLocation
+
+    ddp._register_buffer_comm_hook(
+        None, hook, comm_hook_location=_BufferCommHookLocation.PRE_FORWARD
+    )
 
 
 def flatten_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +213,15 @@ def check() -> list[str]:
         return hasattr(torch._C._distributed_c10d.Reducer, "_update_process_group")
 
     need(reducer, "DDP Reducer._update_process_group")
+
+    def buffer_hook() -> bool:
+        from torch.nn.parallel import distributed as ddp
+
+        return hasattr(ddp.DistributedDataParallel, "_register_buffer_comm_hook") and hasattr(
+            ddp._BufferCommHookLocation, "PRE_FORWARD"
+        )
+
+    need(buffer_hook, "DistributedDataParallel._register_buffer_comm_hook (PRE_FORWARD)")
     need(
         lambda: has("torch.distributed.checkpoint._nested_dict", "flatten_state_dict"),
         "torch.distributed.checkpoint._nested_dict.flatten_state_dict",

@@ -6,7 +6,7 @@ interval or the periodic backstop."""
 from __future__ import annotations
 
 import pytest
-from jobs import example_args, jitckpt_run, show
+from jobs import cnn_args, example_args, jitckpt_run, show
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +15,17 @@ def example_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     deterministic, EXAMPLE_STEPS steps) that its drills must end equal to."""
     base = tmp_path_factory.mktemp("example-reference")
     launch = jitckpt_run(*example_args(base / "run", base / "digest"))
+    assert launch.returncode == 0, show(launch)
+    assert launch.resumed_steps() == []
+    return (base / "digest").read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def cnn_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The final digest of the failure-free CNN run (4 ranks, deterministic,
+    CNN_STEPS steps): BatchNorm statistics included."""
+    base = tmp_path_factory.mktemp("cnn-reference")
+    launch = jitckpt_run(*cnn_args(base / "run", base / "digest"))
     assert launch.returncode == 0, show(launch)
     assert launch.resumed_steps() == []
     return (base / "digest").read_text().strip()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from jitckpt.analysis.summary import summarize, summarize_in_process
+from jitckpt.events import read_events
 from jitckpt.testing import proctag
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,5 +163,83 @@ def example_args(run_dir: Path, digest: Path, steps: int = EXAMPLE_STEPS) -> lis
     """The example GPT in deterministic mode, logging every step."""
     return [
         str(EXAMPLE), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
+        "--log-every", "1", "--deterministic",
+    ]  # fmt: skip
+
+
+# -- what a recovered run must show ----------------------------------------------
+def check_recovered(
+    run_dir: Path,
+    digest: Path,
+    reference: str,
+    expected_resume: list[int | None],
+    launch: Launch,
+    printed: list[int] | None = None,
+    new_save: list[bool] | None = None,
+) -> None:
+    """Completed, bitwise equal to the reference, resumed at the expected steps
+    (one per failure; ``printed``: the resumes rank 0 announced, if fewer),
+    each losing at most one iteration and, unless ``new_save`` says otherwise
+    for it, leaving a fresh JIT checkpoint."""
+    assert launch.returncode == 0, show(launch)
+    assert digest.read_text().strip() == reference, "final state differs from the failure-free run"
+    assert launch.resumed_steps() == (expected_resume if printed is None else printed), show(launch)
+    failures = summarize(read_events(run_dir))
+    assert len(failures) == len(expected_resume), failures
+    for index, (failure, step) in enumerate(zip(failures, expected_resume, strict=True)):
+        if step is None:
+            continue  # the next attempt may have died before any rank finished its restore
+        assert failure["resumed_step"] == step
+        assert failure["restored_kind"] == "jit"
+        assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure
+        if new_save is None or new_save[index]:
+            assert failure["save_copies"] >= 1, failure
+
+
+def check_in_process(
+    run_dir: Path,
+    digest: Path,
+    reference: str,
+    launch: Launch,
+    resumed: list[int],
+    replacement: str | None,
+    header: str = "GPT with",
+) -> list[dict]:
+    """Finished, bitwise equal, no restart, one recovery per failure at the
+    expected steps, each losing at most one iteration, survivors unchanged."""
+    assert launch.returncode == 0, show(launch)
+    assert digest.read_text().strip() == reference, "final state differs from the failure-free run"
+    events = read_events(run_dir)
+    assert summarize(events) == [], "no failure may take the restart path"
+    assert launch.resumed_steps() == [], show(launch)
+    # A spare or replacement learns its rank before the script reads it: only
+    # the real rank 0 prints the header (a spare used to see itself as rank 0).
+    assert launch.output.count(header) == 1, show(launch)
+    recoveries = summarize_in_process(events)
+    assert [r["resumed_step"] for r in recoveries] == resumed, recoveries
+    original = {e["rank"]: e["pid"] for e in events if e["event"] == "start" and not e["joined"]}
+    for recovery in recoveries:
+        assert replacement is None or recovery["replacement"] == replacement, recovery
+        assert recovery["iterations_lost"] is not None and recovery["iterations_lost"] <= 1
+        assert recovery["recovery_s"] is not None, recovery
+    # Survivors never restart: every rank that did not fail kept its first pid.
+    failed = {r["failed_rank"] for r in recoveries}
+    finishers = {e["rank"]: e["pid"] for e in events if e["event"] == "finish"}
+    for rank, pid in finishers.items():
+        if rank not in failed:
+            assert pid == original[rank], (rank, pid, original[rank])
+    return recoveries
+
+
+CNN = REPO / "examples" / "train_cnn.py"
+# The CNN drills: 4 ranks, deterministic mode, this many steps.
+CNN_STEPS = 12
+
+
+def cnn_args(run_dir: Path, digest: Path, steps: int = CNN_STEPS) -> list[str]:
+    """The CNN example (BatchNorm, dropout, SGD, OneCycleLR, clipping) in
+    deterministic mode, logging every step."""
+    return [
+        str(CNN), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
         "--log-every", "1", "--deterministic",
     ]  # fmt: skip

@@ -14,9 +14,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from jobs import EXAMPLE_STEPS, Launch, example_args, jitckpt_run, kill_tagged, show
+from jobs import (
+    EXAMPLE_STEPS,
+    check_recovered,
+    example_args,
+    jitckpt_run,
+    kill_tagged,
+    show,
+)
 
-from jitckpt.analysis.summary import summarize
 from jitckpt.events import read_events
 from jitckpt.protocol import EXIT_SAVED_AND_STOPPED
 
@@ -32,34 +38,6 @@ def train_args(
 ) -> list[str]:
     args = example_args(run_dir, digest, steps)
     return args if deterministic else [a for a in args if a != "--deterministic"]
-
-
-def check_recovered(
-    run_dir: Path,
-    digest: Path,
-    reference: str,
-    expected_resume: list[int | None],
-    launch: Launch,
-    printed: list[int] | None = None,
-    new_save: list[bool] | None = None,
-) -> None:
-    """Completed, bitwise equal to the reference, resumed at the expected steps
-    (one per failure; ``printed``: the resumes rank 0 announced, if fewer),
-    each losing at most one iteration and, unless ``new_save`` says otherwise
-    for it, leaving a fresh JIT checkpoint."""
-    assert launch.returncode == 0, show(launch)
-    assert digest.read_text().strip() == reference, "final state differs from the failure-free run"
-    assert launch.resumed_steps() == (expected_resume if printed is None else printed), show(launch)
-    failures = summarize(read_events(run_dir))
-    assert len(failures) == len(expected_resume), failures
-    for index, (failure, step) in enumerate(zip(failures, expected_resume, strict=True)):
-        if step is None:
-            continue  # the next attempt may have died before any rank finished its restore
-        assert failure["resumed_step"] == step
-        assert failure["restored_kind"] == "jit"
-        assert failure["iterations_lost"] is not None and failure["iterations_lost"] <= 1, failure
-        if new_save is None or new_save[index]:
-            assert failure["save_copies"] >= 1, failure
 
 
 # Two failures per launch, in two attempts: every phase is covered at the

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from jobs import EXAMPLE_STEPS, TINY, Launch, example_args, jitckpt_run, show
+from jobs import EXAMPLE_STEPS, TINY, Launch, check_in_process, example_args, jitckpt_run, show
 
 from jitckpt.analysis.summary import summarize, summarize_in_process
 from jitckpt.events import read_events
@@ -21,40 +21,6 @@ FAIL_STEP = 6
 
 def train_args(run_dir: Path, digest: Path, steps: int = STEPS) -> list[str]:
     return example_args(run_dir, digest, steps)
-
-
-def check_in_process(
-    run_dir: Path,
-    digest: Path,
-    reference: str,
-    launch: Launch,
-    resumed: list[int],
-    replacement: str | None,
-) -> list[dict]:
-    """Finished, bitwise equal, no restart, one recovery per failure at the
-    expected steps, each losing at most one iteration, survivors unchanged."""
-    assert launch.returncode == 0, show(launch)
-    assert digest.read_text().strip() == reference, "final state differs from the failure-free run"
-    events = read_events(run_dir)
-    assert summarize(events) == [], "no failure may take the restart path"
-    assert launch.resumed_steps() == [], show(launch)
-    # A spare or replacement learns its rank before the script reads it: only
-    # the real rank 0 prints the header (a spare used to see itself as rank 0).
-    assert launch.output.count("GPT with") == 1, show(launch)
-    recoveries = summarize_in_process(events)
-    assert [r["resumed_step"] for r in recoveries] == resumed, recoveries
-    original = {e["rank"]: e["pid"] for e in events if e["event"] == "start" and not e["joined"]}
-    for recovery in recoveries:
-        assert replacement is None or recovery["replacement"] == replacement, recovery
-        assert recovery["iterations_lost"] is not None and recovery["iterations_lost"] <= 1
-        assert recovery["recovery_s"] is not None, recovery
-    # Survivors never restart: every rank that did not fail kept its first pid.
-    failed = {r["failed_rank"] for r in recoveries}
-    finishers = {e["rank"]: e["pid"] for e in events if e["event"] == "finish"}
-    for rank, pid in finishers.items():
-        if rank not in failed:
-            assert pid == original[rank], (rank, pid, original[rank])
-    return recoveries
 
 
 def drill(

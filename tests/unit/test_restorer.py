@@ -17,6 +17,7 @@ from jitckpt.checkpoint.restorer import Restorer, foreign_run, rank_candidates
 from jitckpt.errors import CheckpointMismatchError
 from jitckpt.events import EventLog, read_events
 from jitckpt.inject import Injector
+from jitckpt.state.buffers import BufferSnapshots
 from jitckpt.state.training import TrainingState
 from jitckpt.storage.rundir import prepare_run_dir, run_id
 from jitckpt.tracker import StepTracker
@@ -111,6 +112,7 @@ def rank_context(
         storage=storage.run_storage(directory),
         staging=None,
         injector=Injector([], directory, 0, events, tracker),
+        buffers=BufferSnapshots(model, lambda: tracker.position().in_progress),
     )
 
 

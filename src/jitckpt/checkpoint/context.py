@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jitckpt.events import EventLog
 from jitckpt.inject import Injector
+from jitckpt.state.buffers import BufferSnapshots
 from jitckpt.state.training import TrainingState
 from jitckpt.storage.directory import DirectoryStorage
 from jitckpt.storage.staging import Staging
@@ -44,6 +45,7 @@ class RankContext:
         storage: the durable checkpoints of the run directory.
         staging: shared-memory staging on this node, if on.
         injector: the fault injector.
+        buffers: the model's buffers as the failure-free run uses them.
     """
 
     rank: int
@@ -60,6 +62,7 @@ class RankContext:
     storage: DirectoryStorage
     staging: Staging | None
     injector: Injector
+    buffers: BufferSnapshots
 
     def dirty_wait(self) -> float:
         """How long a saver waits for the loop to leave its dirty window."""

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from jitckpt import compat
 from jitckpt import events as ev
 from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.gpu import DeviceSteps, SideStreamCopy, on_cuda
 from jitckpt.checkpoint.periodic import PeriodicSaver
 from jitckpt.checkpoint.saver import JitSaver
-from jitckpt.comm import CanonicalAllreduce, Recovery, observed_allreduce_hook
+from jitckpt.comm import BufferBroadcast, CanonicalAllreduce, Recovery, observed_allreduce_hook
 from jitckpt.state.archive import Archive
 from jitckpt.state.digest import state_digest
 from jitckpt.tracker import Position
@@ -73,7 +74,10 @@ class DdpLayout:
             completed, payload = captured
             if reason != "manual":
                 self.saver.mark_saving()
-            return self.saver.write(completed, payload, reason, started, self.audit_digest)
+            _, exact = ctx.buffers.for_step(completed, ctx.rank)
+            return self.saver.write(
+                completed, payload, reason, started, self.audit_digest, exact_buffers=exact
+            )
         finally:
             if reason == "manual":
                 ctx.tracker.unfreeze()
@@ -106,7 +110,10 @@ class DdpLayout:
             return None
         mark, ready = choice
         copy = SideStreamCopy(ready)
-        tree = self.ctx.state.tree(mark.step, self.ctx.rank, mark.snapshot, mark.host_view)
+        buffers, _ = self.ctx.buffers.for_step(mark.step, self.ctx.rank)
+        tree = self.ctx.state.tree(
+            mark.step, self.ctx.rank, mark.snapshot, mark.host_view, buffers=buffers
+        )
         payload = Archive(tree, to_host=copy)
         copy.finish()
         return mark.step, payload
@@ -127,7 +134,9 @@ class DdpLayout:
                 self.ctx.storage,
                 every,
                 every_s,
-                lambda step: self.saver.manifest(step, "periodic"),
+                lambda step: self.saver.manifest(
+                    step, "periodic", exact_buffers=self.ctx.buffers.for_step(step, 0)[1]
+                ),
                 self.ctx.events,
                 keep,
             )
@@ -180,6 +189,15 @@ class DdpLayout:
                     lambda: ctx.tracker.position().completed,
                 )
                 model.register_comm_hook(None, reducer.hook)
+                if self.recovery is not None and ctx.buffers.broadcast:
+                    # DDP's buffer broadcast at each forward is a collective
+                    # too: a survivor waiting there must be woken as well.
+                    buffers = BufferBroadcast(
+                        self.recovery,
+                        lambda: ctx.tracker.position().completed,
+                        lambda: reducer.last_reduced,
+                    )
+                    compat.register_buffer_hook(model, buffers.hook)
             elif ctx.injector.wants("allreduce"):
                 model.register_comm_hook(None, observed_allreduce_hook(on_bucket))
             else:

@@ -48,6 +48,7 @@ from jitckpt.inprocess import join
 from jitckpt.inprocess.graveyard import resource_counts
 from jitckpt.inprocess.recovery import InProcessRecovery, applies
 from jitckpt.state import rng
+from jitckpt.state.buffers import BufferSnapshots
 from jitckpt.state.data import DataPosition
 from jitckpt.state.training import Stateful, TrainingState
 from jitckpt.storage.directory import run_storage
@@ -198,6 +199,8 @@ class JitCheckpoint:
         tracker = StepTracker()
         data = DataPosition(loader) if loader is not None else None
         state = TrainingState(model, optimizer, scheduler, scaler, data, dict(extras or {}))
+        buffers = BufferSnapshots(model, lambda: tracker.position().in_progress)
+        state.saved_buffers = lambda step, rank: buffers.for_step(step, rank)[0]
         injector = Injector(
             parse_specs(os.environ.get(protocol.INJECT_ENV)), directory, rank, events, tracker
         )
@@ -216,6 +219,7 @@ class JitCheckpoint:
             storage=storage,
             staging=staging,
             injector=injector,
+            buffers=buffers,
         )
 
     def _recovery(self, model: torch.nn.Module) -> InProcessRecovery | None:

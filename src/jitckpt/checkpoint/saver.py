@@ -75,13 +75,19 @@ class JitSaver:
             control.mark_saving(os.environ.get(protocol.LOCAL_RANK_ENV, str(self.ctx.rank)))
 
     def write(
-        self, step: int, payload: Archive, reason: str, started: float, digest: Digest
+        self,
+        step: int,
+        payload: Archive,
+        reason: str,
+        started: float,
+        digest: Digest,
+        exact_buffers: bool | None = None,
     ) -> Path | None:
         """Write the whole state of ``step`` (a JIT checkpoint) to staging if
         on, else to the run directory; returns its directory, or None if the
         write failed (reported)."""
         ctx = self.ctx
-        manifest = self.manifest(step, "jit", reason=reason)
+        manifest = self.manifest(step, "jit", reason=reason, exact_buffers=exact_buffers)
         target = ctx.staging.storage if ctx.staging is not None else ctx.storage
         try:
             path = target.write(

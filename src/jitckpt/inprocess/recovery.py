@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from jitckpt import attempt, compat, protocol
 from jitckpt import events as ev
-from jitckpt.comm import interruptible_all_reduce
+from jitckpt.comm import at_reduce, interruptible_all_reduce, step_of
 from jitckpt.events import EventLog
 from jitckpt.inprocess.graveyard import SETTLE_TIMEOUT_S, Graveyard, resource_counts
 from jitckpt.state.training import TrainingState, decode
@@ -83,16 +83,27 @@ def form_group(generation: int, rank: int, world_size: int) -> None:
 @dataclass(frozen=True)
 class TransferPlan:
     """Who sends what after the new group exchanged positions (each rank's
-    position: the step whose all-reduce it waits for, NO_STATE for a
-    replacement). Healthy ranks are at most one all-reduce apart, so the
-    most advanced step is one every rank can reach: the lowest rank at it
+    position: where it waits, jitckpt.comm.position: the forward of a step
+    (its buffer broadcast) or the reduction of its gradients; NO_STATE for a
+    replacement). Healthy ranks are at most one collective apart, so the
+    most advanced position is one every rank can reach: the lowest rank at it
     sends the whole state to each replacement and the reduced gradient it
     already has to each rank one all-reduce behind."""
 
-    step: int
+    position: int
     source: int
     replacements: list[int] = field(default_factory=list)
     behind: list[int] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        """The step every rank continues (a replacement redoes it)."""
+        return step_of(self.position)
+
+    @property
+    def at_reduce(self) -> bool:
+        """The survivors are past the step's forward (in its reduction)."""
+        return at_reduce(self.position)
 
     def role(self, rank: int) -> str:
         if rank == self.source:
@@ -103,14 +114,14 @@ class TransferPlan:
 
 
 def plan_transfer(positions: list[int]) -> TransferPlan:
-    step = max(positions)
-    if step == NO_STATE:
+    target = max(positions)
+    if target == NO_STATE:
         raise RuntimeError("in-process recovery: no rank has a state to send")
     return TransferPlan(
-        step=step,
-        source=positions.index(step),
+        position=target,
+        source=positions.index(target),
         replacements=[r for r, p in enumerate(positions) if p == NO_STATE],
-        behind=[r for r, p in enumerate(positions) if NO_STATE < p < step],
+        behind=[r for r, p in enumerate(positions) if NO_STATE < p < target],
     )
 
 
@@ -164,6 +175,7 @@ class InProcessRecovery:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._recovered_at_step: int | None = None
+        self._broadcast_paused = False
         self._reducer_stale = False
         # Groups replaced by a recovery, held until nothing but the graveyard
         # refers to them.
@@ -264,16 +276,18 @@ class InProcessRecovery:
     def abandon(self, leftover: Any) -> None:
         self._graveyard.keep(leftover)
 
-    def recover(self, step: int, last_reduced: torch.Tensor | None) -> torch.Tensor | None:
-        """A survivor's recovery, from inside the all-reduce of ``step``.
-        Returns the reduced gradient of ``step`` if a peer had it already
-        (this rank was one behind), else None: reduce on the new group."""
+    def recover(self, position: int, last_reduced: torch.Tensor | None) -> torch.Tensor | None:
+        """A survivor's recovery, from where it waits (``position``: the
+        forward of a step, or the reduction of its gradients). Returns the
+        reduced gradient of that step if a peer had it already (this rank
+        was one all-reduce behind), else None: do the collective again on
+        the new group."""
         notice = self._notice
         assert notice is not None
         unblocked = time.time()
         reform_s = self._reform(int(notice["generation"]), replacement=False)
         started = time.monotonic()
-        plan = plan_transfer(self._positions(step))
+        plan = plan_transfer(self._positions(position))
         self._inject("recovery", plan.step)
         received: torch.Tensor | None = None
         sent = 0
@@ -311,6 +325,8 @@ class InProcessRecovery:
         plan = plan_transfer(self._positions(NO_STATE))
         self._inject("recovery", plan.step)
         received = self._receive_state(plan.source)
+        if plan.at_reduce:
+            self._skip_redo_broadcast()
         self._finish(
             notice,
             "replacement",
@@ -339,6 +355,17 @@ class InProcessRecovery:
         if not self._reducer_stale:
             self._bury_retired()
         return time.monotonic() - started
+
+    def _skip_redo_broadcast(self) -> None:
+        """The replacement redoes a step whose forward the survivors are
+        past: its DDP must not broadcast buffers at that forward (nobody
+        would meet it there), and need not: it received the buffers as that
+        broadcast left them (jitckpt.state.buffers). From the next step on
+        everyone broadcasts again."""
+        ddp = self.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.broadcast_buffers:
+            ddp.broadcast_buffers = False
+            self._broadcast_paused = True
 
     def _bury_retired(self) -> None:
         while self._retired:
@@ -417,6 +444,11 @@ class InProcessRecovery:
             compat.repoint_reducer(self.model, self._placeholder)
             self._reducer_stale = False
             self._bury_retired()
+        if self._broadcast_paused and (
+            self._recovered_at_step is None or step > self._recovered_at_step
+        ):
+            self.model.broadcast_buffers = True  # type: ignore[assignment]  # the redone step is over
+            self._broadcast_paused = False
         if self._recovered_at_step is not None and step == self._recovered_at_step + 1:
             # The step the recovery resumed at is done: a failure from here on
             # is not the same fault again (jitckpt.launch.coordinator).

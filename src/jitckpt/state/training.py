@@ -76,12 +76,24 @@ class TrainingState:
     scaler: Stateful | None = None
     data: Stateful | None = None
     extras: dict[str, Stateful] = field(default_factory=dict)
+    # The model buffers a capture of (step, rank) saves instead of the live
+    # ones, if any (jitckpt.state.buffers.BufferSnapshots.for_step).
+    saved_buffers: Callable[[int, int], Mapping[str, torch.Tensor] | None] | None = None
 
-    def capture(self, step: int, rank: int, boundary: Mapping[str, Any]) -> Archive:
+    def capture(
+        self,
+        step: int,
+        rank: int,
+        boundary: Mapping[str, Any],
+        buffers: Mapping[str, torch.Tensor] | None = None,
+    ) -> Archive:
         """The state of ``step`` (completed iterations), laid out for writing
         straight from the live tensors. ``boundary`` holds what was
-        snapshotted at that step's boundary."""
-        return Archive(self.tree(step, rank, boundary))
+        snapshotted at that step's boundary, ``buffers`` the model buffers
+        to save instead of the live ones (default: ``saved_buffers``)."""
+        if buffers is None and self.saved_buffers is not None:
+            buffers = self.saved_buffers(step, rank)
+        return Archive(self.tree(step, rank, boundary, buffers=buffers))
 
     def updated_by_optimizer(self) -> set[int]:
         """Storage addresses of the parameters and optimizer state: tensors
@@ -102,15 +114,20 @@ class TrainingState:
         components: Mapping[str, Any] | None = None,
         *,
         tensors: bool = True,
+        buffers: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """The state as nested containers of live tensors and plain values.
         ``components`` replaces the live model/optimizer/... part (a view
         taken earlier: jitckpt.checkpoint.gpu). ``tensors=False`` leaves out the model
         and optimizer (a sharded checkpoint stores them with
-        torch.distributed.checkpoint)."""
+        torch.distributed.checkpoint). ``buffers`` replaces the model's
+        buffers of those names (the step's snapshot: jitckpt.state.buffers)."""
+        parts = dict(components if components is not None else self.components(tensors=tensors))
+        if buffers and parts.get("model") is not None:
+            parts["model"] = {**parts["model"], **buffers}
         return {
             "step": step,
-            **(components if components is not None else self.components(tensors=tensors)),
+            **parts,
             "data": boundary.get("data"),
             "rng": (
                 {"rank": rank, "state": rng.to_checkpoint(boundary["rng"])}

@@ -54,14 +54,17 @@ class Candidate:
         """The payload's recorded checksum, as ``algorithm:hex``."""
         return self.manifest.payload_checksum if self.manifest else None
 
-    def sort_key(self) -> tuple[int, int, int, int]:
+    def sort_key(self) -> tuple[int, int, int, int, int]:
         """Newest step first; at one step a JIT copy before a periodic one,
-        then the newest attempt, then the lowest writer rank."""
+        a copy with the failure-free run's buffers before one without
+        (jitckpt.state.buffers), then the newest attempt, then the lowest
+        writer rank."""
         m = self.manifest
         if m is None:
-            return (1, len(KINDS), 0, 0)
+            return (1, len(KINDS), 1, 0, 0)
         kind = KINDS.index(m.kind) if m.kind in KINDS else len(KINDS)
-        return (-m.step, kind, -m.attempt, m.writer_rank)
+        inexact = 1 if m.exact_buffers is False else 0
+        return (-m.step, kind, inexact, -m.attempt, m.writer_rank)
 
 
 class Storage(Protocol):

@@ -63,6 +63,9 @@ class Manifest:
         created, torch_version, jitckpt_version: provenance.
         reason: what triggered a JIT save (a detector's cause, or "manual").
         writer_ranks: the ranks that wrote a sharded checkpoint's shards.
+        exact_buffers: whether the model buffers saved are those the
+            failure-free run uses at this step (jitckpt.state.buffers); None
+            where that does not apply (no buffers, or none DDP broadcasts).
         files: every file with size and checksum (filled in by the storage).
     """
 
@@ -79,6 +82,7 @@ class Manifest:
     jitckpt_version: str | None = None
     reason: str | None = None
     writer_ranks: list[int] | None = None
+    exact_buffers: bool | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)
 
     @property
@@ -159,6 +163,10 @@ class Manifest:
         ):
             raise bad("writer_ranks", "a list of ranks")
         fields["writer_ranks"] = writers
+        exact = data.get("exact_buffers")
+        if exact is not None and not isinstance(exact, bool):
+            raise bad("exact_buffers", "true, false or null")
+        fields["exact_buffers"] = exact
         fields["files"] = _files(data["files"], where)
         return cls(**fields)
 
