@@ -63,18 +63,78 @@ def at_reduce(position: int) -> bool:
 NOTICE_TIMEOUT_S = 10.0
 
 
-class CanonicalAllreduce:
-    """Deterministic gradient reduction: waits for the last bucket of the
-    backward, then all-reduces every gradient in one flat buffer laid out in
-    parameter order, whatever DDP's bucket layout is. One collective per step
-    (no overlap with backward: deterministic mode trades speed for exactness).
+# Bytes of the reduction's first chunk and of the others: DDP's own default
+# bucket sizes (a small first bucket starts communication early in backward).
+FIRST_CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 25 << 20
 
-    With ``recovery`` the hook also survives a dead peer: it waits on the
-    all-reduce from Python, so a recovery notice wakes it even when gloo
-    never returns (docs/platform.md, "Nothing cancels a pending gloo call"), hands
-    over to ``recovery`` (new group, state to the replacement), and reduces
-    again on the new group. The training thread never sees an error and the
-    script's loop needs no change. ``step()`` says which step is in flight.
+
+class Chunk:
+    """A slice of the gradients reduced by one collective: parameters of one
+    dtype at fixed offsets. Plain class, no tensors: the layout only."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.members: list[tuple[int, int, int]] = []  # (parameter index, offset, numel)
+        self.numel = 0
+
+    def add(self, index: int, numel: int) -> None:
+        self.members.append((index, self.numel, numel))
+        self.numel += numel
+
+
+def chunk_layout(parameters: list[torch.nn.Parameter]) -> list[Chunk]:
+    """The reduction's layout, a pure function of the parameter list, so that
+    every rank (a replacement with a fresh DDP included) cuts the same chunks
+    in the same order. Parameters go in reverse order (the order backward
+    produces their gradients in, roughly), grouped by dtype; the first chunk
+    holds at most FIRST_CHUNK_BYTES, the others CHUNK_BYTES."""
+    chunks: list[Chunk] = []
+    current: dict[torch.dtype, Chunk] = {}
+    for index in reversed(range(len(parameters))):
+        parameter = parameters[index]
+        chunk = current.get(parameter.dtype)
+        limit = FIRST_CHUNK_BYTES if not chunks or chunk is chunks[0] else CHUNK_BYTES
+        size = parameter.numel() * parameter.element_size()
+        if chunk is None or (
+            chunk.members and (chunk.numel * parameter.element_size()) + size > limit
+        ):
+            chunk = current[parameter.dtype] = Chunk(parameter.dtype)
+            chunks.append(chunk)
+        chunk.add(index, parameter.numel())
+    return chunks
+
+
+class ChunkedAllreduce:
+    """DDP's gradient reduction as a comm hook, in a layout of jitckpt's own.
+
+    Each bucket DDP hands over is copied (divided by the world size) into
+    fixed chunks of a flat gradient (chunk_layout); a chunk is all-reduced,
+    asynchronously, as soon as all its gradients arrived and the chunks
+    before it are under way, so communication overlaps backward as with
+    DDP's own buckets. The results are copied back into DDP's buckets at the
+    end of backward, where DDP waits for them anyway.
+
+    The layout does not depend on DDP's bucket layout (which DDP rebuilds
+    after its first step, in gradient-ready order, so a fresh replacement's
+    differs from the survivors'): every rank issues the same collectives in
+    the same order, and each element is summed in the same order in every
+    run, which makes deterministic mode's resumes bitwise exact
+    (docs/platform.md, "Bitwise-identical runs and DDP's bucket order").
+
+    With ``recovery`` the end of backward waits from Python, so a recovery
+    notice wakes it even when gloo never returns (docs/platform.md, "Nothing
+    cancels a pending gloo call"); it hands over to ``recovery`` (new group,
+    state to the replacement) and reduces the step again on the new group
+    from the local gradients, which stay untouched in DDP's buckets until
+    every chunk succeeded. The training thread never sees an error.
+
+    Args:
+        parameters: the parameters DDP reduces, in the model's order.
+        on_bucket: called as each bucket arrives (watchdog progress, the
+            ``allreduce`` injection phase).
+        recovery: in-process recovery, if on.
+        step: the step in flight.
     """
 
     def __init__(
@@ -84,14 +144,33 @@ class CanonicalAllreduce:
         recovery: Recovery | None = None,
         step: Callable[[], int] = lambda: 0,
     ) -> None:
-        self.order = {id(p): i for i, p in enumerate(parameters)}
+        self.index = {id(p): i for i, p in enumerate(parameters)}
+        self.chunks = chunk_layout(parameters)
+        self.place = {
+            index: (c, offset)
+            for c, chunk in enumerate(self.chunks)
+            for index, offset, _ in chunk.members
+        }
         self.on_bucket = on_bucket
         self.recovery = recovery
         self.step = step
+        # The two sets of chunk buffers used in turn: the last step's results
+        # stay intact while this step reduces (a rank one all-reduce behind in
+        # a recovery receives them). A set an abandoned collective may still
+        # write into is never reused.
+        self._sets: list[list[torch.Tensor] | None] = [None, None]
+        self._turn = 0
+        self._begin()
+        self.last_reduced: list[torch.Tensor] | None = None
+
+    def _begin(self) -> None:
         self.pending: list[tuple[dist.GradBucket, torch.futures.Future[torch.Tensor]]] = []
-        # The result of the last completed all-reduce: a rank that fell one
-        # all-reduce behind in a recovery receives it instead of redoing it.
-        self.last_reduced: torch.Tensor | None = None
+        self.remaining = [len(chunk.members) for chunk in self.chunks]
+        self.launched: list[Any] = []  # the works of this step's chunks, in order
+        self.buffers = self._sets[self._turn] or [
+            torch.empty(chunk.numel, dtype=chunk.dtype) for chunk in self.chunks
+        ]
+        self._sets[self._turn] = self.buffers
 
     def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         self.on_bucket()
@@ -101,45 +180,116 @@ class CanonicalAllreduce:
         # value only fails by a cast error: docs/platform.md, "Unblocking
         # backward with a future jitckpt owns").
         result = future.then(lambda f: f.wait())
+        world = dist.get_world_size()
+        for parameter, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+            c, offset = self.place[self.index[id(parameter)]]
+            target = self.buffers[c][offset : offset + grad.numel()]
+            torch.div(grad.reshape(-1), world, out=target)
+            self.remaining[c] -= 1
+        while len(self.launched) < len(self.chunks) and self.remaining[len(self.launched)] == 0:
+            buffer = self.buffers[len(self.launched)]
+            self.launched.append(dist.all_reduce(buffer, async_op=True))
         if not bucket.is_last():
             return result
-        pending, self.pending = self.pending, []
-        grads = sorted(
-            (self.order[id(p)], g)
-            for b, _ in pending
-            for p, g in zip(b.parameters(), b.gradients(), strict=True)
-        )
-        group = state if state is not None else dist.group.WORLD
-        flat = torch.cat([g.reshape(-1) for _, g in grads]).div_(dist.get_world_size(group))
+        pending = self.pending
         try:
-            reduced = self._reduce(flat, state)
+            reduced = self._finish(pending)
         except Exception as exc:  # noqa: BLE001 - every waiting bucket must see the error
             for _, fut in pending:
                 fut.set_exception(exc)  # type: ignore[arg-type]
             return result
-        offset = 0
-        for _, grad in grads:
-            grad.copy_(reduced[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        for b, _ in pending:
+            for parameter, grad in zip(b.parameters(), b.gradients(), strict=True):
+                c, offset = self.place[self.index[id(parameter)]]
+                grad.copy_(reduced[c][offset : offset + grad.numel()].view_as(grad))
         self.last_reduced = reduced
+        self._turn = 1 - self._turn
+        self._begin()
         for b, fut in pending:
             fut.set_result(b.buffer())
         return result
 
-    def _reduce(self, local: torch.Tensor, state: Any) -> torch.Tensor:
+    def last_flat(self) -> torch.Tensor | None:
+        """The last completed step's reduced gradient, as one tensor (what a
+        rank one all-reduce behind receives in a recovery)."""
+        if self.last_reduced is None:
+            return None
+        return torch.cat([t.reshape(-1) for t in self.last_reduced])
+
+    def _finish(
+        self, pending: list[tuple[dist.GradBucket, torch.futures.Future[torch.Tensor]]]
+    ) -> list[torch.Tensor]:
+        """Wait for this step's chunks; with a recovery, redo them on the new
+        group until they succeed. Returns the reduced chunks."""
+        if len(self.launched) != len(self.chunks):
+            raise RuntimeError(
+                "jitckpt: a gradient never reached the reduction (unused parameter?)"
+            )
         recovery = self.recovery
         if recovery is None:
-            dist.all_reduce(local, group=state if state is not None else dist.group.WORLD)
-            return local
+            for work in self.launched:
+                work.wait()
+            return self.buffers
         while True:
-            if recovery.pending():
-                received = recovery.recover(position(self.step(), reduce=True), self.last_reduced)
-                if received is not None:
-                    return received
-            reduced = interruptible_all_reduce(recovery, local)
-            if reduced is not None:
-                return reduced
-            # A peer died: recover (above), then reduce again on the new group.
+            if _wait_all(recovery, self.launched, self.buffers):
+                return self.buffers
+            # A peer died: the works and their buffers are abandoned (they may
+            # still be written into); the local gradients are intact in DDP's
+            # buckets. Recover, then reduce the step again on the new group.
+            self._sets[self._turn] = None
+            received = recovery.recover(position(self.step(), reduce=True), self.last_flat())
+            self.buffers = [torch.empty(chunk.numel, dtype=chunk.dtype) for chunk in self.chunks]
+            self._sets[self._turn] = self.buffers
+            if received is not None:
+                # This rank was one all-reduce behind: a peer had the result.
+                offset = 0
+                for buffer in self.buffers:
+                    buffer.copy_(received[offset : offset + buffer.numel()])
+                    offset += buffer.numel()
+                return self.buffers
+            world = dist.get_world_size()
+            for b, _ in pending:
+                for parameter, grad in zip(b.parameters(), b.gradients(), strict=True):
+                    c, offset = self.place[self.index[id(parameter)]]
+                    target = self.buffers[c][offset : offset + grad.numel()]
+                    torch.div(grad.reshape(-1), world, out=target)
+            self.launched = [dist.all_reduce(b, async_op=True) for b in self.buffers]
+
+
+def _wait_all(recovery: Recovery, works: list[Any], buffers: list[torch.Tensor]) -> bool:
+    """Wait for every work, from Python (a notice wakes it); True when all
+    succeeded, False when a recovery interrupted them (all abandoned, with
+    their buffers). A failed work counts as interrupted if a notice follows
+    within NOTICE_TIMEOUT_S; else its error is raised."""
+    woken = threading.Event()
+    remaining = [len(works)]
+    lock = threading.Lock()
+
+    def one_done(_: Any) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                woken.set()
+
+    recovery.add_waiter(woken)
+    futures = [work.get_future() for work in works]
+    try:
+        for future in futures:
+            future.add_done_callback(one_done)
+        woken.wait()
+    finally:
+        recovery.remove_waiter(woken)
+    if all(future.done() for future in futures):
+        try:
+            for future in futures:
+                future.wait()
+        except Exception:
+            if not recovery.wait_notice(NOTICE_TIMEOUT_S):
+                raise
+        else:
+            return True
+    recovery.abandon((works, futures, buffers))
+    return False
 
 
 def interruptible_all_reduce(

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs import check_in_process, check_recovered, cnn_args, jitckpt_run, show
+from jobs import (
+    assert_loss_continues,
+    check_in_process,
+    check_recovered,
+    cnn_args,
+    jitckpt_run,
+    show,
+)
 
 from jitckpt.events import read_events
 from jitckpt.protocol import EXIT_SAVED_AND_STOPPED
@@ -80,3 +87,30 @@ def test_preemption_saves_stops_and_resumes(tmp_path: Path, cnn_reference: str) 
     second = run(tmp_path, *flags)
     resumed = max(e["step"] for e in saves)
     check_recovered(tmp_path / "run", tmp_path / "digest", cnn_reference, [resumed], second)
+
+
+def test_default_mode_kill_and_hang_in_process(tmp_path: Path) -> None:
+    """Default mode (no reseeding, no bitwise promise), BatchNorm included:
+    a kill in forward and a hang in backward, recovered in process, the
+    loss within the failure-free run's band afterwards."""
+
+    def args(name: str) -> list[str]:
+        return [
+            a
+            for a in cnn_args(tmp_path / name, tmp_path / f"{name}.digest")
+            if a != "--deterministic"
+        ]
+
+    reference = jitckpt_run(*args("ref"))
+    assert reference.returncode == 0, show(reference)
+    launch = jitckpt_run(
+        "--spares", "1",
+        "--inject", "kill@step=4,rank=2,phase=forward",
+        "--inject", "hang@step=8,rank=3,phase=backward",
+        *args("run"),
+    )  # fmt: skip
+    check_in_process(
+        tmp_path / "run", tmp_path / "run.digest", None, launch, [4, 8], "spare", "CNN with"
+    )
+    assert "in-process recovery does not apply" not in launch.output, show(launch)
+    assert_loss_continues(launch.output, reference.output, since=4, band=0.25)

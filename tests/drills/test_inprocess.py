@@ -10,7 +10,16 @@ import json
 from pathlib import Path
 
 import pytest
-from jobs import EXAMPLE_STEPS, TINY, Launch, check_in_process, example_args, jitckpt_run, show
+from jobs import (
+    EXAMPLE_STEPS,
+    TINY,
+    Launch,
+    assert_loss_continues,
+    check_in_process,
+    example_args,
+    jitckpt_run,
+    show,
+)
 
 from jitckpt.analysis.summary import summarize, summarize_in_process
 from jitckpt.events import read_events
@@ -228,7 +237,9 @@ def test_a_recovery_that_never_ends_is_abandoned_after_the_timeout(tmp_path: Pat
     assert fallback["reason"].startswith("in-process recovery 1 not done after"), fallback
     assert "rank(s) [0, 1, 2, 3] never finished it" in fallback["reason"], fallback
     (begin,) = [e for e in events if e["event"] == "inproc_begin"]
-    assert timeout_s <= fallback["t"] - begin["t"] <= timeout_s + 2.0
+    # The deadline runs from the notice, which the agent publishes just before
+    # it starts the replacement and logs inproc_begin (a few ms later).
+    assert timeout_s - 0.2 <= fallback["t"] - begin["t"] <= timeout_s + 2.0
     assert launch.resumed_steps() == [5], show(launch)
 
 
@@ -254,3 +265,30 @@ def test_the_same_fault_again_at_the_same_step_takes_the_restart_path(tmp_path: 
     )
     begun = [e for e in read_events(run_dir) if e["event"] == "inproc_begin"]
     assert [e["failed_rank"] for e in begun] == [2] * MAX_SAME_FAULT_TRIES, begun
+
+
+def test_default_mode_kill_and_hang_are_recovered_in_process(tmp_path: Path) -> None:
+    """Default (non-deterministic) mode, the example GPT, one hot spare: a
+    kill in backward and a hang in the all-reduce, each recovered without
+    restarting the survivors, at most one iteration lost each, and the loss
+    goes on as in the failure-free run (not bitwise: another dropout stream
+    for the replacement)."""
+
+    def args(name: str) -> list[str]:
+        return [
+            a
+            for a in example_args(tmp_path / name, tmp_path / f"{name}.digest")
+            if a != "--deterministic"
+        ]
+
+    reference = jitckpt_run(*args("ref"))
+    assert reference.returncode == 0, show(reference)
+    launch = jitckpt_run(
+        "--spares", "1",
+        "--inject", "kill@step=4,rank=2,phase=backward",
+        "--inject", "hang@step=8,rank=1,phase=allreduce",
+        *args("run"),
+    )  # fmt: skip
+    check_in_process(tmp_path / "run", tmp_path / "run.digest", None, launch, [4, 8], "spare")
+    assert "in-process recovery does not apply" not in launch.output, show(launch)
+    assert_loss_continues(launch.output, reference.output, since=4, band=0.05)

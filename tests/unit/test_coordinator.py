@@ -90,3 +90,12 @@ def test_a_failure_after_the_recovered_step_completed_is_a_new_fault() -> None:
     c.store.add(protocol.INPROC_PROGRESSED_COUNTER.format(generation=generation), 1)
     assert c.repeated([2]) == {2: (0, None)}
     assert c.repeated([1]) == {1: (0, None)}, "another rank is another fault"
+
+
+def test_a_rank_that_finished_its_part_fails_after_the_recovery_not_during_it() -> None:
+    c = coordinator()
+    generation = c.begin({2: 2})
+    assert c.interrupted([2]) == generation
+    c.store.set(protocol.INPROC_RANK_DONE_KEY.format(generation=generation, rank=2), "1")
+    assert c.interrupted([2]) is None
+    assert c.interrupted([1, 2]) == generation, "rank 1 had not finished"

@@ -24,7 +24,7 @@ from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.gpu import DeviceSteps, SideStreamCopy, on_cuda
 from jitckpt.checkpoint.periodic import PeriodicSaver
 from jitckpt.checkpoint.saver import JitSaver
-from jitckpt.comm import BufferBroadcast, CanonicalAllreduce, Recovery, observed_allreduce_hook
+from jitckpt.comm import BufferBroadcast, ChunkedAllreduce, Recovery, observed_allreduce_hook
 from jitckpt.state.archive import Archive
 from jitckpt.state.digest import state_digest
 from jitckpt.tracker import Position
@@ -181,9 +181,12 @@ class DdpLayout:
     ) -> None:
         ctx = self.ctx
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            if ctx.deterministic:
-                reducer = CanonicalAllreduce(
-                    list(model.parameters()),
+            if ctx.deterministic or self.recovery is not None:
+                # jitckpt's own reduction: a layout every rank shares (exact
+                # resumes; a replacement with a fresh DDP meets the survivors'
+                # collectives), waited for where a recovery can wake it.
+                reducer = ChunkedAllreduce(
+                    reduced_parameters(model),
                     on_bucket,
                     self.recovery,
                     lambda: ctx.tracker.position().completed,
@@ -193,9 +196,7 @@ class DdpLayout:
                     # DDP's buffer broadcast at each forward is a collective
                     # too: a survivor waiting there must be woken as well.
                     buffers = BufferBroadcast(
-                        self.recovery,
-                        lambda: ctx.tracker.position().completed,
-                        lambda: reducer.last_reduced,
+                        self.recovery, lambda: ctx.tracker.position().completed, reducer.last_flat
                     )
                     compat.register_buffer_hook(model, buffers.hook)
             elif ctx.injector.wants("allreduce"):
@@ -216,3 +217,14 @@ class DdpLayout:
                         parameter.register_post_accumulate_grad_hook(count_gradient)
         elif ctx.world_size > 1:
             ctx.events.emit(ev.WARNING, detail="model is not DistributedDataParallel")
+
+
+def reduced_parameters(ddp: torch.nn.parallel.DistributedDataParallel) -> list[torch.nn.Parameter]:
+    """The parameters DDP reduces (those that need a gradient and are not
+    ignored), in the model's order."""
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+    return [
+        parameter
+        for name, parameter in ddp.module.named_parameters()
+        if parameter.requires_grad and name not in ignored
+    ]

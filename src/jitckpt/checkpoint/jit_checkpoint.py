@@ -224,7 +224,7 @@ class JitCheckpoint:
 
     def _recovery(self, model: torch.nn.Module) -> InProcessRecovery | None:
         ctx = self.ctx
-        if not applies(model, deterministic=ctx.deterministic, uses_store=ctx.uses_store):
+        if not applies(model, uses_store=ctx.uses_store):
             return None
         return InProcessRecovery(
             ctx.rank,

@@ -47,6 +47,7 @@ from jitckpt import events as ev
 from jitckpt.comm import at_reduce, interruptible_all_reduce, step_of
 from jitckpt.events import EventLog
 from jitckpt.inprocess.graveyard import SETTLE_TIMEOUT_S, Graveyard, resource_counts
+from jitckpt.state import rng
 from jitckpt.state.training import TrainingState, decode
 from jitckpt.tracker import StepTracker
 
@@ -392,6 +393,10 @@ class InProcessRecovery:
         dist.recv(data, source)
         payload = decode(data.numpy().tobytes(), f"state from rank {source}")
         self.state.restore(payload, f"state from rank {source}")
+        # The source's generator state is its own: copying it would give two
+        # ranks the same dropout masks. As on a restore: a stream derived from
+        # (seed, step, rank). (Deterministic mode reseeds at every boundary.)
+        rng.reseed(torch.initial_seed(), int(payload["step"]), self.rank)
         return data.numel()
 
     def _finish(
@@ -461,12 +466,12 @@ class InProcessRecovery:
             self._recovered_at_step = None
 
 
-def applies(model: torch.nn.Module, *, deterministic: bool, uses_store: bool) -> bool:
-    """In-process recovery is on for this rank: the launcher enabled it and
-    the all-reduce goes through the deterministic hook it relies on."""
+def applies(model: torch.nn.Module, *, uses_store: bool) -> bool:
+    """In-process recovery is on for this rank: the launcher enabled it, the
+    job has a store, and the model is DDP (whose reduction jitckpt then
+    does itself: jitckpt.comm.ChunkedAllreduce), in either mode."""
     return (
         os.environ.get(protocol.INPROCESS_ENV) == "1"
-        and deterministic
         and uses_store
         and isinstance(model, torch.nn.parallel.DistributedDataParallel)
     )

@@ -215,6 +215,8 @@ class JitAgent(LocalElasticAgent):
             # Not during a recovery: a starting spare would take CPU from it.
             procs.refill_spares()
         failures = procs.poll()
+        # First: a recovery that just ended is over before a failure is judged.
+        stalled = coordinator.check()
         if not failures:
             if procs.all_succeeded():
                 procs.close()  # the spares
@@ -222,7 +224,6 @@ class JitAgent(LocalElasticAgent):
                     state=WorkerState.SUCCEEDED,
                     return_values={w.global_rank: None for w in worker_group.workers},
                 )
-            stalled = coordinator.check()
             if stalled is None:
                 return RunResult(state=WorkerState.HEALTHY)
             # Nobody exited, but the recovery will not end: every worker restarts.
@@ -234,7 +235,7 @@ class JitAgent(LocalElasticAgent):
         replaced = set(coordinator.current.replaced.values()) if coordinator.current else set()
         reason = in_process_refusal(
             failed_ranks=sorted(failed.values()),
-            recovering=coordinator.current.generation if coordinator.current else None,
+            recovering=coordinator.interrupted(sorted(failed.values())),
             replaced=replaced,
             finished=len(failures) + len(procs.succeeded),
             workers=len(procs.contexts),

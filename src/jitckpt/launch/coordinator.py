@@ -88,8 +88,8 @@ def in_process_refusal(
     missing = not_capable()
     if missing:
         return (
-            f"rank(s) {missing} not ready for it (it needs deterministic mode, DDP, "
-            f"and a failure after training started)"
+            f"rank(s) {missing} not ready for it (it needs a DDP model and a failure after "
+            f"training started)"
         )
     return None
 
@@ -196,6 +196,22 @@ class Coordinator:
             f"{missing} never finished it (blocked in a collective a recovery cannot wake, "
             f"such as a plain torch.distributed call in the step? ckpt.all_reduce is woken)"
         )
+
+    def interrupted(self, ranks: list[int]) -> int | None:
+        """The generation of the recovery under way that the failure of
+        ``ranks`` interrupts, or None: a failed rank that had finished its own
+        part of the recovery (a replacement that received its state and then
+        failed) fails after it, not during it."""
+        current = self.current
+        if current is None:
+            return None
+        finished = all(
+            self.store.check(
+                [protocol.INPROC_RANK_DONE_KEY.format(generation=current.generation, rank=rank)]
+            )
+            for rank in ranks
+        )
+        return None if finished else current.generation
 
     def kill_requests(self, ranks: list[int]) -> list[int]:
         """The ranks a survivor asked to have killed (they hang), among
