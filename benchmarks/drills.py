@@ -71,6 +71,9 @@ def jitckpt_job(
     command = standalone_launch(
         "jitckpt",
         ranks,
+        # These drills measure the restart path (JIT save, restart, restore).
+        "--recovery",
+        "restart",
         "--max-restarts",
         str(failures + 1),
         *(arg for spec in specs for arg in ("--inject", spec)),

@@ -29,15 +29,17 @@ in the machine's load touches all of them alike):
   as soon as it has logged step K-1 done, i.e. early in step K, placed in the
   middle of a checkpoint interval (the average case).
 
-With ``--inprocess`` (or by name in ``--modes``), three more modes run the
-example with ``--deterministic`` (in-process recovery needs it), rank 2
-SIGKILLed in the backward of step S as above:
+The first two modes take the restart path (``--recovery restart``). With
+``--inprocess`` (or by name in ``--modes``), four more modes SIGKILL rank 2
+in the backward of step S as above:
 
-* ``jitckpt-restart-det-kill``: ``--recovery restart``, the restart path;
-* ``jitckpt-inproc-spare-kill``: ``--spares 1``: the survivors keep running
-  and a hot spare takes rank 2 (jitckpt.inprocess);
-* ``jitckpt-inproc-fresh-kill``: no spare: a fresh process (forked from the
-  warm pool) takes rank 2.
+* ``jitckpt-restart-det-kill``: deterministic mode, ``--recovery restart``,
+  the restart path;
+* ``jitckpt-inproc-spare-kill``: deterministic mode, ``--spares 1``: the
+  survivors keep running and a hot spare takes rank 2 (jitckpt.inprocess);
+* ``jitckpt-inproc-default-spare-kill``: the same in the default mode;
+* ``jitckpt-inproc-fresh-kill``: deterministic mode, no spare: a fresh
+  process (forked from the warm pool) takes rank 2.
 
 An in-process drill measures from the fault (``fault_injected``) to the
 step after the recovery completed by every rank (``inproc_step_done``), with
@@ -193,11 +195,13 @@ class Mode:
 
 
 MODES = (
-    Mode("jitckpt-kill", "jitckpt kill", "kill"),
-    Mode("jitckpt-hang", "jitckpt hang", "hang"),
+    # The restart path (in-process recovery, the default where it applies,
+    # has modes of its own below).
+    Mode("jitckpt-kill", "jitckpt kill", "kill", ("--recovery", "restart")),
+    Mode("jitckpt-hang", "jitckpt hang", "hang", ("--recovery", "restart")),
     Mode("torchrun-periodic-kill", "torchrun+periodic kill", None),
-    # --inprocess: the same kill, in deterministic mode (which in-process
-    # recovery needs), through the restart path and the in-process one.
+    # --inprocess: the same kill, in deterministic mode, through the restart
+    # path and the in-process one; and in process in the default mode.
     Mode(
         "jitckpt-restart-det-kill",
         "jitckpt restart (det)",
@@ -211,6 +215,14 @@ MODES = (
         "kill",
         ("--spares", "1"),
         deterministic=True,
+        replacement="spare",
+        goal_s=SPARE_GOAL_S,
+    ),
+    Mode(
+        "jitckpt-inproc-default-spare-kill",
+        "in-process, default mode",
+        "kill",
+        ("--spares", "1"),
         replacement="spare",
         goal_s=SPARE_GOAL_S,
     ),
@@ -229,6 +241,7 @@ DEFAULT_MODES = ("jitckpt-kill", "jitckpt-hang", "torchrun-periodic-kill")
 INPROCESS_MODES = (
     "jitckpt-restart-det-kill",
     "jitckpt-inproc-spare-kill",
+    "jitckpt-inproc-default-spare-kill",
     "jitckpt-inproc-fresh-kill",
 )
 

@@ -1,4 +1,6 @@
-"""The README's main command (scripts/demo.sh), shortened, end to end."""
+"""The README's main command (scripts/demo.sh), shortened, end to end: the
+restart path (JIT save, resume, summary, checkpoint table), then the same
+failure recovered in process by a hot spare."""
 
 from __future__ import annotations
 
@@ -15,7 +17,13 @@ def test_demo_script_trains_fails_saves_resumes_and_summarizes(tmp_path: Path) -
     )
     assert launch.returncode == 0, show(launch)
     out = launch.output
-    assert "jitckpt: resumed from step 12 (jit checkpoint" in out, show(launch)
-    assert "jitckpt summary for" in out and "1 failure(s)" in out and "iterations lost: 1" in out
-    assert "valid  step-000000012-jit" in out
+    restart, _, inprocess = out.partition("== 2. in process")
+    assert "jitckpt: resumed from step 12 (jit checkpoint" in restart, show(launch)
+    assert "jitckpt summary for" in restart and "1 failure(s)" in restart
+    assert "iterations lost: 1" in restart and "valid  step-000000012-jit" in restart
     assert (run_dir / "digest.txt").read_text().strip()
+    assert "resumed from step" not in inprocess, "nothing restarts in process"
+    assert "1 in-process recovery(ies) (survivors kept running)" in inprocess, show(launch)
+    assert "rank 2 replaced by a spare process" in inprocess
+    assert "resumed at step 12, iterations lost: 1" in inprocess
+    assert (tmp_path / "demo-inprocess" / "digest.txt").read_text().strip()
