@@ -154,6 +154,9 @@ class ChunkedAllreduce:
         self.on_bucket = on_bucket
         self.recovery = recovery
         self.step = step
+        # How each of DDP's buckets maps onto the chunks, by bucket (DDP
+        # rebuilds its buckets once, after its first step).
+        self._maps: dict[tuple[int, ...], list[tuple[int, int, int, int, int]]] = {}
         # The two sets of chunk buffers used in turn: the last step's results
         # stay intact while this step reduces (a rank one all-reduce behind in
         # a recovery receives them). A set an abandoned collective may still
@@ -180,12 +183,7 @@ class ChunkedAllreduce:
         # value only fails by a cast error: docs/platform.md, "Unblocking
         # backward with a future jitckpt owns").
         result = future.then(lambda f: f.wait())
-        world = dist.get_world_size()
-        for parameter, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
-            c, offset = self.place[self.index[id(parameter)]]
-            target = self.buffers[c][offset : offset + grad.numel()]
-            torch.div(grad.reshape(-1), world, out=target)
-            self.remaining[c] -= 1
+        self._take(bucket, self.buffers)
         while len(self.launched) < len(self.chunks) and self.remaining[len(self.launched)] == 0:
             buffer = self.buffers[len(self.launched)]
             self.launched.append(dist.all_reduce(buffer, async_op=True))
@@ -199,15 +197,54 @@ class ChunkedAllreduce:
                 fut.set_exception(exc)  # type: ignore[arg-type]
             return result
         for b, _ in pending:
-            for parameter, grad in zip(b.parameters(), b.gradients(), strict=True):
-                c, offset = self.place[self.index[id(parameter)]]
-                grad.copy_(reduced[c][offset : offset + grad.numel()].view_as(grad))
+            flat = b.buffer()
+            for c, offset, start, length, _count in self._map(b):
+                flat[start : start + length].copy_(reduced[c][offset : offset + length])
         self.last_reduced = reduced
         self._turn = 1 - self._turn
         self._begin()
         for b, fut in pending:
             fut.set_result(b.buffer())
         return result
+
+    def _map(self, bucket: dist.GradBucket) -> list[tuple[int, int, int, int, int]]:
+        """The bucket's gradients as runs (chunk, offset in the chunk, offset
+        in the bucket, length, parameters): consecutive gradients that are
+        consecutive in a chunk too are one run, so a bucket is copied with a
+        few tensor operations, not one per parameter."""
+        parameters = bucket.parameters()
+        key = tuple(id(p) for p in parameters)
+        runs = self._maps.get(key)
+        if runs is None:
+            runs = []
+            base = bucket.buffer().data_ptr()
+            for parameter, grad in zip(parameters, bucket.gradients(), strict=True):
+                c, offset = self.place[self.index[id(parameter)]]
+                start = (grad.data_ptr() - base) // grad.element_size()
+                last = runs[-1] if runs else None
+                if (
+                    last is not None
+                    and last[0] == c
+                    and last[1] + last[3] == offset
+                    and last[2] + last[3] == start
+                ):
+                    runs[-1] = (c, last[1], last[2], last[3] + grad.numel(), last[4] + 1)
+                else:
+                    runs.append((c, offset, start, grad.numel(), 1))
+            self._maps[key] = runs
+        return runs
+
+    def _take(
+        self, bucket: dist.GradBucket, buffers: list[torch.Tensor], count: bool = True
+    ) -> None:
+        """Copy the bucket's local gradients, divided by the world size,
+        into their places in the chunks."""
+        flat = bucket.buffer()
+        world = dist.get_world_size()
+        for c, offset, start, length, members in self._map(bucket):
+            torch.div(flat[start : start + length], world, out=buffers[c][offset : offset + length])
+            if count:
+                self.remaining[c] -= members
 
     def last_flat(self) -> torch.Tensor | None:
         """The last completed step's reduced gradient, as one tensor (what a
@@ -247,12 +284,8 @@ class ChunkedAllreduce:
                     buffer.copy_(received[offset : offset + buffer.numel()])
                     offset += buffer.numel()
                 return self.buffers
-            world = dist.get_world_size()
             for b, _ in pending:
-                for parameter, grad in zip(b.parameters(), b.gradients(), strict=True):
-                    c, offset = self.place[self.index[id(parameter)]]
-                    target = self.buffers[c][offset : offset + grad.numel()]
-                    torch.div(grad.reshape(-1), world, out=target)
+                self._take(b, self.buffers, count=False)
             self.launched = [dist.all_reduce(b, async_op=True) for b in self.buffers]
 
 

@@ -31,6 +31,7 @@ The store's key space, per rendezvous round and restart attempt (see
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 # -- environment set by torch.distributed.elastic for every worker --------------------
@@ -81,6 +82,13 @@ def restart_count() -> int:
 def launch_id() -> str | None:
     """The rendezvous run id: the same on every node of one job."""
     return os.environ.get(RUN_ID_ENV)
+
+
+# The signal the agent sends the survivors of a failure once it published
+# the notice of an in-process recovery (a real-time signal: SIGUSR1/2 are the
+# user's, and schedulers send them; real-time ones queue and are not used
+# by Python or torch). Workers take it on their signal thread.
+NOTICE_SIGNAL = signal.SIGRTMIN + 3
 
 
 # -- exit statuses ---------------------------------------------------------------------

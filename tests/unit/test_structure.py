@@ -140,6 +140,7 @@ ALLOWED = {
         "jitckpt.attempt",
         "jitckpt.comm",
         "jitckpt.compat",
+        "jitckpt.detect.signals",
         "jitckpt.state",
         "jitckpt.tracker",
     ),

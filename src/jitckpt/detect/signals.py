@@ -26,10 +26,15 @@ import sys
 import threading
 from collections.abc import Callable
 
-HANDLED_SIGNALS = (signal.SIGTERM,)
+from jitckpt.protocol import NOTICE_SIGNAL
+
+# SIGTERM: the launcher's or a scheduler's stop; NOTICE_SIGNAL: the launcher
+# published an in-process recovery notice.
+HANDLED_SIGNALS = (signal.SIGTERM, NOTICE_SIGNAL)
 
 _lock = threading.Lock()
 _callback: Callable[[int], None] | None = None
+_notice_callback: Callable[[], None] | None = None
 _mechanism: str | None = None
 
 
@@ -47,9 +52,22 @@ def set_callback(callback: Callable[[int], None] | None) -> None:
         _callback = callback
 
 
+def set_notice_callback(callback: Callable[[], None] | None) -> None:
+    """Route NOTICE_SIGNAL to ``callback()`` (on a side thread); without one
+    it is ignored (no recovery to wake yet)."""
+    global _notice_callback
+    with _lock:
+        _notice_callback = callback
+
+
 def _dispatch(signum: int) -> None:
     with _lock:
         callback = _callback
+        notice = _notice_callback
+    if signum == NOTICE_SIGNAL:
+        if notice is not None:
+            notice()
+        return
     (callback or _default_action)(signum)
 
 

@@ -36,7 +36,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -45,15 +44,18 @@ import torch.distributed as dist
 from jitckpt import attempt, compat, protocol
 from jitckpt import events as ev
 from jitckpt.comm import at_reduce, interruptible_all_reduce, step_of
+from jitckpt.detect import signals
 from jitckpt.events import EventLog
 from jitckpt.inprocess.graveyard import SETTLE_TIMEOUT_S, Graveyard, resource_counts
 from jitckpt.state import rng
 from jitckpt.state.training import TrainingState, decode
 from jitckpt.tracker import StepTracker
 
-# The watcher's store wait is cut into slices this long so that it notices a
-# stop request (end of training) and never sits in a store call at exit.
-WATCH_SLICE = timedelta(seconds=0.5)
+# The launcher signals the survivors when it publishes a notice
+# (protocol.NOTICE_SIGNAL); the watcher also looks at the store this often,
+# should a signal ever not arrive (one cheap check, no blocking store call,
+# so it never sits in one at exit).
+WATCH_FALLBACK_S = 1.0
 # A position meaning "no state at all" (a replacement).
 NO_STATE = -1
 
@@ -174,6 +176,8 @@ class InProcessRecovery:
         )
         self._placeholder: dist.ProcessGroup | None = None
         self._stop = threading.Event()
+        # Set by the launcher's notice signal (and at stop).
+        self._poke = threading.Event()
         self._watcher: threading.Thread | None = None
         self._recovered_at_step: int | None = None
         self._broadcast_paused = False
@@ -193,6 +197,7 @@ class InProcessRecovery:
             target=self._watch, args=(attempt.side_store(),), name="jitckpt-inproc", daemon=True
         )
         self._watcher.start()
+        signals.set_notice_callback(self._poke.set)
 
     def settle(self, timeout: float = SETTLE_TIMEOUT_S) -> dict[str, int]:
         """At the end of training, before anything stops: wait for the
@@ -202,7 +207,9 @@ class InProcessRecovery:
         return {**resource_counts(), "graveyard_left": 0 if released else len(self._graveyard)}
 
     def stop(self, join_timeout: float = 2.0) -> None:
+        signals.set_notice_callback(None)
         self._stop.set()
+        self._poke.set()
         with self._cond:
             self._cond.notify_all()
         if self._watcher is not None and self._watcher.is_alive():
@@ -215,12 +222,15 @@ class InProcessRecovery:
                 # One notice at a time: the next is for the next generation.
                 self._cond.wait_for(lambda: self._notice is None or self._stop.is_set())
                 key = protocol.INPROC_NOTICE_KEY.format(generation=self.generation + 1)
+            self._poke.wait(WATCH_FALLBACK_S)
+            self._poke.clear()
             if self._stop.is_set():
                 return
             try:
-                store.wait([key], WATCH_SLICE)
+                if not store.check([key]):
+                    continue
                 notice = json.loads(store.get(key).decode())
-            except Exception:  # noqa: BLE001 - a timeout slice, or a store that is gone
+            except Exception:  # noqa: BLE001 - a store that is gone: try again
                 continue
             notice["seen"] = time.time()
             self._pause_watchdog()
@@ -389,9 +399,12 @@ class InProcessRecovery:
     def _receive_state(self, source: int) -> int:
         size = torch.zeros(1, dtype=torch.int64)
         dist.recv(size, source)
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        # Received straight into the buffer the archive is decoded from (its
+        # tensors are views of it): no copy between the wire and load_state_dict.
+        buffer = bytearray(int(size.item()))
+        data = torch.frombuffer(buffer, dtype=torch.uint8)
         dist.recv(data, source)
-        payload = decode(data.numpy().tobytes(), f"state from rank {source}")
+        payload = decode(buffer, f"state from rank {source}")
         self.state.restore(payload, f"state from rank {source}")
         # The source's generator state is its own: copying it would give two
         # ranks the same dropout masks. As on a restore: a stream derived from

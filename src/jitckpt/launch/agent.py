@@ -63,6 +63,7 @@ class JitAgent(LocalElasticAgent):
         inprocess: bool = False,
         spares: int = 0,
         recovery_timeout_s: float = RECOVERY_DEADLINE_S,
+        exit_wait_s: float = 0.02,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -72,6 +73,7 @@ class JitAgent(LocalElasticAgent):
         self.inprocess = inprocess
         self.spares = spares
         self.recovery_timeout_s = recovery_timeout_s
+        self.exit_wait_s = exit_wait_s
         self._events: EventLog | None = None
         self.fatal_message: str | None = None
         self._coordinator: Coordinator | None = None
@@ -209,6 +211,7 @@ class JitAgent(LocalElasticAgent):
     def _monitor_apart(self, worker_group: WorkerGroup, procs: WorkerProcesses) -> RunResult:
         coordinator = self._coordinator
         assert coordinator is not None
+        procs.wait_for_exit(self.exit_wait_s)
         self._serve_kill_requests(worker_group, procs, coordinator)
         procs.reap_spares()
         if coordinator.current is None:
@@ -278,6 +281,15 @@ class JitAgent(LocalElasticAgent):
     ) -> None:
         dead = {local_rank: worker_group.workers[local_rank].global_rank for local_rank in failures}
         generation = coordinator.begin(dead)
+        # Wake the survivors' watchers at once (the notice is in the store).
+        for local_rank, context in procs.contexts.items():
+            if local_rank not in dead and local_rank not in procs.succeeded:
+                for handler in compat.subprocess_handlers(context).values():
+                    if handler.proc.poll() is None:
+                        try:
+                            handler.proc.send_signal(protocol.NOTICE_SIGNAL)
+                        except ProcessLookupError:
+                            pass
         events = self.events()
         for local_rank, rank in dead.items():
             spare = procs.take_spare()

@@ -44,7 +44,9 @@ DEFAULT_MAX_RESTARTS = 3
 # a save is in progress, see jitckpt.launch.agent); a wedged one only delays the
 # restart by it.
 DEFAULT_TERM_GRACE_S = 5.0
-# The agent's poll interval with in-process recovery, unless --monitor-interval.
+# With in-process recovery, the longest the agent waits for a worker to exit
+# between its other duties (kill requests, the spare pool, a recovery's
+# progress), unless --monitor-interval; an exit ends the wait at once.
 INPROCESS_MONITOR_INTERVAL_S = 0.02
 
 
@@ -169,12 +171,16 @@ def run(argv: list[str]) -> int:
         inprocess = args.recovery == "auto" and config.max_nodes == 1
         if args.spares and not inprocess:
             parser.error("--spares needs in-process recovery (--recovery auto, one node)")
+        exit_wait_s = args.monitor_interval
         if inprocess:
             os.environ[protocol.INPROCESS_ENV] = "1"
             if args.monitor_interval == parser.get_default("monitor_interval"):
-                # The agent's poll is what notices an exit for in-process
-                # recovery: torchrun's 0.1 s is most of its detection time.
-                config.monitor_interval = INPROCESS_MONITOR_INTERVAL_S
+                exit_wait_s = INPROCESS_MONITOR_INTERVAL_S
+            # The agent's poll is what notices an exit for in-process
+            # recovery (torchrun's 0.1 s sleep was most of its detection
+            # time): instead of sleeping, the agent waits on the workers'
+            # exits themselves, up to exit_wait_s (JitAgent._monitor_apart).
+            config.monitor_interval = 1e-4  # (elastic requires > 0)
         launched = True
         return _launch(
             config,
@@ -185,6 +191,7 @@ def run(argv: list[str]) -> int:
             inprocess,
             args.spares,
             args.recovery_timeout,
+            exit_wait_s,
         )
     finally:
         if pool is not None:
@@ -225,6 +232,7 @@ def _launch(  # type: ignore[no-untyped-def]
     inprocess: bool = False,
     spares: int = 0,
     recovery_timeout_s: float = RECOVERY_DEADLINE_S,
+    exit_wait_s: float = INPROCESS_MONITOR_INTERVAL_S,
 ) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -269,6 +277,7 @@ def _launch(  # type: ignore[no-untyped-def]
         inprocess=inprocess,
         spares=spares,
         recovery_timeout_s=recovery_timeout_s,
+        exit_wait_s=exit_wait_s,
         **compat.agent_config_extras(config),
     )
     status = 1

@@ -19,7 +19,7 @@ import sys
 from typing import NoReturn
 
 from jitckpt.launch.wire import Lines, say, send_request
-from jitckpt.protocol import WARMPOOL_SOCKET_ENV
+from jitckpt.protocol import NOTICE_SIGNAL, WARMPOOL_SOCKET_ENV
 
 # How long a client waits for the zygote to answer its request. The first
 # workers of a launch connect while the zygote is still importing torch
@@ -29,6 +29,7 @@ START_TIMEOUT_S = 60.0
 # (SIGTERM, or the signal the agent itself received) and the user signals.
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
+    NOTICE_SIGNAL,
     signal.SIGINT,
     signal.SIGHUP,
     signal.SIGQUIT,
