@@ -37,7 +37,7 @@ class Recovery(Protocol):
     def add_waiter(self, event: threading.Event) -> None: ...
     def remove_waiter(self, event: threading.Event) -> None: ...
     def wait_notice(self, timeout: float) -> bool: ...
-    def abandon(self, leftover: Any) -> None: ...
+    def abandon(self, futures: list[Any], leftover: Any) -> None: ...
     def recover(self, position: int, last_reduced: torch.Tensor | None) -> torch.Tensor | None: ...
 
 
@@ -321,7 +321,7 @@ def _wait_all(recovery: Recovery, works: list[Any], buffers: list[torch.Tensor])
                 raise
         else:
             return True
-    recovery.abandon((works, futures, buffers))
+    recovery.abandon(futures, (works, buffers))
     return False
 
 
@@ -366,7 +366,7 @@ def _interruptibly(recovery: Recovery, buffer: torch.Tensor, start: Callable[[],
                 raise
         else:
             return True
-    recovery.abandon((work, done, buffer))
+    recovery.abandon([done], (work, buffer))
     return False
 
 

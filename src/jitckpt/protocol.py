@@ -149,11 +149,16 @@ class ControlDir:
       checkpoint; the agent's kill grace stretches meanwhile.
     * ``fatal-WHO``: a worker's error that no restart can fix; the agent
       stops restarting and prints it.
+    * ``finished/LOCAL_RANK``: that worker completed its training loop; if
+      it fails after that (in the script's own code after the loop, or at
+      exit), the agent neither restarts nor recovers it: there is no
+      training left to save or redo.
     """
 
     RUN_DIR_FILE = "run_dir"
     PIDS_DIR = "pids"
     SAVING_DIR = "saving"
+    FINISHED_DIR = "finished"
     FATAL_PREFIX = "fatal-"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -187,6 +192,10 @@ class ControlDir:
         (self.path / self.SAVING_DIR).mkdir(exist_ok=True)
         (self.path / self.SAVING_DIR / str(local_rank)).touch()
 
+    def mark_finished(self, local_rank: str | int) -> None:
+        (self.path / self.FINISHED_DIR).mkdir(exist_ok=True)
+        (self.path / self.FINISHED_DIR / str(local_rank)).touch()
+
     def report_fatal(self, who: str | int, message: str) -> None:
         (self.path / f"{self.FATAL_PREFIX}{who}").write_text(message)
 
@@ -207,10 +216,16 @@ class ControlDir:
     def is_saving(self, local_rank: str | int) -> bool:
         return (self.path / self.SAVING_DIR / str(local_rank)).exists()
 
-    def clear_saving(self) -> None:
+    def finished(self, local_rank: str | int) -> bool:
+        return (self.path / self.FINISHED_DIR / str(local_rank)).exists()
+
+    def clear_attempt_markers(self) -> None:
+        """Forget the last workers' saving and finished markers (new
+        workers start)."""
         import shutil
 
-        shutil.rmtree(self.path / self.SAVING_DIR, ignore_errors=True)
+        for name in (self.SAVING_DIR, self.FINISHED_DIR):
+            shutil.rmtree(self.path / name, ignore_errors=True)
 
     def fatal_messages(self) -> list[str]:
         return [p.read_text() for p in sorted(self.path.glob(f"{self.FATAL_PREFIX}*"))]

@@ -43,9 +43,15 @@ def test_kill_in_the_optimizer_step_with_a_hot_spare(
     tmp_path: Path, example_reference: str
 ) -> None:
     """The survivors had finished step 6's update: they continue from 7, and
-    so does the spare. (The other phases: test_kills_in_backward_allreduce_...)."""
+    so does the spare. (The other phases: test_kills_in_backward_allreduce_...).
+    Workers start cold (no warm pool): such survivors aborted at exit when
+    an abandoned gloo call failed during finalization (jitckpt.worker_exit),
+    and the launcher took that for a new failure."""
     spec = f"kill@step={FAIL_STEP},rank=2,phase=optimizer"
-    drill(tmp_path, example_reference, [FAIL_STEP + 1], "spare", "--spares", "1", "--inject", spec)
+    drill(
+        tmp_path, example_reference, [FAIL_STEP + 1], "spare",
+        "--spares", "1", "--no-warm-pool", "--inject", spec,
+    )  # fmt: skip
 
 
 def test_kill_without_spares_spawns_a_fresh_process(tmp_path: Path, example_reference: str) -> None:
@@ -292,3 +298,31 @@ def test_default_mode_kill_and_hang_are_recovered_in_process(tmp_path: Path) -> 
     check_in_process(tmp_path / "run", tmp_path / "run.digest", None, launch, [4, 8], "spare")
     assert "in-process recovery does not apply" not in launch.output, show(launch)
     assert_loss_continues(launch.output, reference.output, since=4, band=0.05)
+
+
+@pytest.mark.parametrize("recovery", ["in-process", "restart"])
+def test_a_crash_after_the_training_loop_ends_the_job_without_training_again(
+    tmp_path: Path, recovery: str
+) -> None:
+    """Rank 1 aborts after its loop completed (in the script's code after
+    the loop, or at exit): nothing is left to recover, so neither path
+    restarts or replaces it (a restart would train again from the last
+    checkpoint, here from scratch). The job fails, saying so."""
+    from jitckpt.protocol import EXIT_FATAL
+
+    run_dir = tmp_path / "run"
+    flags = ["--spares", "1"] if recovery == "in-process" else ["--recovery", "restart"]
+    launch = jitckpt_run(
+        *flags, str(TINY), "--run-dir", str(run_dir), "--steps", "6", "--crash-after-loop", "1",
+        nproc=2,
+    )  # fmt: skip
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert (
+        "rank 1 (exit status -6) failed after finishing training; training is complete"
+        in launch.output
+    ), show(launch)
+    events = read_events(run_dir)
+    assert launch.output.count("start_step") == 2, show(launch)  # two workers, started once
+    kinds = {e["event"] for e in events}
+    assert not kinds & {"inproc_begin", "restart_begin", "inproc_fallback"}, sorted(kinds)
+    assert sorted(e["rank"] for e in events if e["event"] == "finish") == [0, 1]

@@ -375,3 +375,21 @@ def test_launcher_flag_chooses_how_workers_start(
     expected = "jitckpt.launch.bootstrap" if flag else "jitckpt.launch.warmpool"
     assert f"'-m', '{expected}'" in launch.output, show(launch)
     assert FALLBACK_LINE not in launch.output
+
+
+def test_a_deep_tmpdir_still_gets_a_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Unix socket's path is limited to 107 bytes: under a TMPDIR too deep
+    for it the pool binds its socket in /tmp instead of starting cold."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    started = warmpool.start_pool()
+    assert started is not None
+    try:
+        assert len(os.fsencode(started.socket_path)) <= warmpool.MAX_SOCKET_PATH
+        assert os.path.exists(started.socket_path)
+    finally:
+        started.close()
+    assert not os.path.exists(started.directory)

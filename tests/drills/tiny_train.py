@@ -73,6 +73,12 @@ def main() -> None:
         "optimizer step (a collective no recovery notice reaches)",
     )
     parser.add_argument(
+        "--crash-after-loop",
+        type=int,
+        metavar="RANK",
+        help="rank RANK aborts (SIGABRT) after its training loop completed",
+    )
+    parser.add_argument(
         "--stall-replacement",
         action="store_true",
         help="a fresh replacement for a dead rank sleeps forever before its setup",
@@ -131,6 +137,8 @@ def main() -> None:
             with open(os.path.join(args.run_dir, "losses.jsonl"), "a") as handle:
                 handle.write(json.dumps(record) + "\n")
     time.sleep(args.sleep_after)
+    if args.crash_after_loop == rank:
+        os.abort()
     if args.digest and rank == 0:
         with open(args.digest, "w") as handle:
             handle.write(jitckpt.state_digest(model, optimizer))

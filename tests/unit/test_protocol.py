@@ -48,16 +48,20 @@ def test_run_dir_is_recorded_once_unless_overwritten(
     assert control.run_dir() == str(tmp_path.resolve() / "third")
 
 
-def test_saving_marks_are_per_local_rank_and_cleared_together(tmp_path: Path) -> None:
+def test_saving_and_finished_marks_are_per_local_rank_and_cleared_together(
+    tmp_path: Path,
+) -> None:
     control = ControlDir(tmp_path)
     assert not control.is_saving(0)
     control.mark_saving(0)
     control.mark_saving("2")
+    control.mark_finished(1)
     assert control.is_saving("0") and control.is_saving(2)
     assert not control.is_saving(1)
-    control.clear_saving()
-    assert not any(control.is_saving(r) for r in range(3))
-    control.clear_saving()  # nothing to clear: not an error
+    assert control.finished("1") and not control.finished(0)
+    control.clear_attempt_markers()
+    assert not any(control.is_saving(r) or control.finished(r) for r in range(3))
+    control.clear_attempt_markers()  # nothing to clear: not an error
 
 
 def test_fatal_reports_are_collected_from_every_worker(tmp_path: Path) -> None:

@@ -320,6 +320,10 @@ class JitCheckpoint:
         self.ctx.events.emit(
             ev.FINISH, step=total, median_step_s=self.ctx.tracker.median_step_time(), **resources
         )
+        # A failure from here on is no training failure (protocol.ControlDir).
+        control = protocol.ControlDir.from_env()
+        if control is not None:
+            control.mark_finished(os.environ.get(protocol.LOCAL_RANK_ENV, str(self.ctx.rank)))
 
     def _stop_watching(self) -> None:
         self.watchdog.stop()

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jitckpt import attempt, compat, protocol
+from jitckpt import attempt, compat, protocol, worker_exit
 from jitckpt import events as ev
 from jitckpt.comm import at_reduce, interruptible_all_reduce, step_of
 from jitckpt.detect import signals
@@ -186,6 +186,9 @@ class InProcessRecovery:
         # refers to them.
         self._retired: list[dist.ProcessGroup] = []
         self.recoveries = 0
+        # Futures of abandoned collectives (jitckpt.worker_exit).
+        self._abandoned: list[Any] = []
+        worker_exit.register(self.unsafe_to_finalize)
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -284,8 +287,20 @@ class InProcessRecovery:
         tensor.copy_(reduced)
         return True
 
-    def abandon(self, leftover: Any) -> None:
+    def abandon(self, futures: list[Any], leftover: Any) -> None:
+        """Take what an interrupted collective leaves: ``futures`` carry
+        jitckpt's Python callbacks and may still fail at any time (watched
+        until the process ends: jitckpt.worker_exit); ``leftover`` (the work
+        and its buffers) goes to the graveyard."""
+        with self._cond:
+            self._abandoned = [f for f in self._abandoned if not f.done()] + list(futures)
         self._graveyard.keep(leftover)
+
+    def unsafe_to_finalize(self) -> bool:
+        """True while an abandoned call may still fail (and run a Python
+        callback on gloo's thread): see jitckpt.worker_exit."""
+        with self._cond:
+            return any(not future.done() for future in self._abandoned)
 
     def recover(self, position: int, last_reduced: torch.Tensor | None) -> torch.Tensor | None:
         """A survivor's recovery, from where it waits (``position``: the

@@ -93,7 +93,7 @@ class JitAgent(LocalElasticAgent):
         os.environ[protocol.RDZV_ROUND_ENV] = str(
             compat.rendezvous_round(worker_group.spec.rdzv_handler)
         )
-        self.control.clear_saving()
+        self.control.clear_attempt_markers()
         if self.inprocess:
             pids = self._start_workers_apart(worker_group)
         else:
@@ -179,6 +179,15 @@ class JitAgent(LocalElasticAgent):
             result = self._monitor_apart(worker_group, self._pcontext)
         else:
             result = super()._monitor_workers(worker_group)
+            local = {w.global_rank: w.local_rank for w in worker_group.workers}
+            if (
+                result.state == WorkerState.FAILED
+                and result.failures
+                and all(self.control.finished(local[rank]) for rank in result.failures)
+            ):
+                result = self._failed_after_finish(
+                    worker_group, {local[rank]: f for rank, f in result.failures.items()}
+                )
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             events = self.events()
             if events is not None:
@@ -195,6 +204,29 @@ class JitAgent(LocalElasticAgent):
                 self.fatal_message = fatal[0]
                 self._remaining_restarts = 0
         return result
+
+    def _failed_after_finish(
+        self, worker_group: WorkerGroup, failures: dict[int, ProcessFailure]
+    ) -> RunResult:
+        """Workers that failed after their training loop was complete: no
+        restart or recovery would redo anything (a restart would train again
+        from the last checkpoint), so the job ends, failed, saying so."""
+        ranks = {
+            local_rank: worker_group.workers[local_rank].global_rank for local_rank in failures
+        }
+        said = ", ".join(
+            f"rank {ranks[local_rank]} (exit status {failure.exitcode})"
+            for local_rank, failure in sorted(failures.items())
+        )
+        self.fatal_message = (
+            f"{said} failed after finishing training; training is complete, so nothing is "
+            f"restarted: see the worker's output for what failed after the training loop"
+        )
+        self._remaining_restarts = 0
+        return RunResult(
+            state=WorkerState.FAILED,
+            failures={ranks[local_rank]: failure for local_rank, failure in failures.items()},
+        )
 
     def _restart_workers(self, worker_group: WorkerGroup) -> None:
         started = time.time()
@@ -217,12 +249,14 @@ class JitAgent(LocalElasticAgent):
         if coordinator.current is None:
             # Not during a recovery: a starting spare would take CPU from it.
             procs.refill_spares()
-        failures = procs.poll()
+        failures = procs.poll(finished=self.control.finished)
         # First: a recovery that just ended is over before a failure is judged.
         stalled = coordinator.check()
         if not failures:
-            if procs.all_succeeded():
+            if procs.all_ended():
                 procs.close()  # the spares
+                if procs.failed_after_finish:
+                    return self._failed_after_finish(worker_group, procs.failed_after_finish)
                 return RunResult(
                     state=WorkerState.SUCCEEDED,
                     return_values={w.global_rank: None for w in worker_group.workers},
@@ -240,7 +274,7 @@ class JitAgent(LocalElasticAgent):
             failed_ranks=sorted(failed.values()),
             recovering=coordinator.interrupted(sorted(failed.values())),
             replaced=replaced,
-            finished=len(failures) + len(procs.succeeded),
+            finished=len(failures) + len(procs.ended()),
             workers=len(procs.contexts),
             fatal=bool(self.control.fatal_messages()),
             recoveries=coordinator.recoveries,
@@ -283,7 +317,7 @@ class JitAgent(LocalElasticAgent):
         generation = coordinator.begin(dead)
         # Wake the survivors' watchers at once (the notice is in the store).
         for local_rank, context in procs.contexts.items():
-            if local_rank not in dead and local_rank not in procs.succeeded:
+            if local_rank not in dead and local_rank not in procs.ended():
                 for handler in compat.subprocess_handlers(context).values():
                     if handler.proc.poll() is None:
                         try:

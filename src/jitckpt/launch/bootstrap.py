@@ -4,7 +4,9 @@ SCRIPT ARGS...`` (or ``--module MOD ARGS...``).
 It installs the SIGTERM thread before anything else runs, while the process
 still has a single thread, so every thread torch and gloo start later
 inherits the blocked mask (see jitckpt.detect.signals), then runs the training
-script as ``__main__``. Importing the jitckpt package here is cheap: its
+script as ``__main__``. When the script ends it checks jitckpt.worker_exit: after
+an in-process recovery, finalizing the interpreter may abort the process,
+and the worker then ends without it (same exit status). Importing the jitckpt package here is cheap: its
 public names load lazily, and this module imports only the standard library.
 """
 
@@ -14,11 +16,32 @@ import os
 import runpy
 import sys
 
+from jitckpt import worker_exit
 from jitckpt.detect import signals
 
 
 def main(argv: list[str]) -> None:
     signals.install()
+    try:
+        _run(argv)
+    except SystemExit as exc:
+        if not worker_exit.unsafe():
+            raise
+        status = worker_exit.status_of(exc)
+    except BaseException:
+        if not worker_exit.unsafe():
+            raise
+        # What Python does with an uncaught exception (130: Ctrl-C).
+        sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
+        status = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
+    else:
+        if not worker_exit.unsafe():
+            return
+        status = 0
+    worker_exit.end_process(status)
+
+
+def _run(argv: list[str]) -> None:
     if argv[:1] == ["--module"]:
         if len(argv) < 2:
             raise SystemExit("usage: python -m jitckpt.launch.bootstrap --module MODULE [ARGS...]")

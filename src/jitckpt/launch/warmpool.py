@@ -69,6 +69,12 @@ if TYPE_CHECKING:
 SHUTDOWN_TIMEOUT_S = 5.0
 # Listen backlog: more than the workers one node ever starts at once.
 LISTEN_BACKLOG = 256
+# The longest path a Unix socket can be bound to (sun_path is 108 bytes on
+# Linux, the terminating NUL included).
+MAX_SOCKET_PATH = 107
+# Set once a start failed and said why: the launcher tries again later
+# (under the workers' final environment), which would say it twice.
+_start_failed = False
 
 
 class WarmPool:
@@ -129,8 +135,16 @@ def start_pool(env: dict[str, str] | None = None) -> WarmPool | None:
     import subprocess
     import tempfile
 
+    global _start_failed
+    if _start_failed:
+        return None  # said once already
     directory = tempfile.mkdtemp(prefix="jitckpt-warmpool-")  # mode 0700
     path = os.path.join(directory, "zygote.sock")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        # A deep TMPDIR: a Unix socket's path has a small fixed limit.
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="jitckpt-warmpool-", dir="/tmp")
+        path = os.path.join(directory, "zygote.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lifeline_r, lifeline_w = os.pipe()
     try:
@@ -159,6 +173,7 @@ def start_pool(env: dict[str, str] | None = None) -> WarmPool | None:
 
         shutil.rmtree(directory, ignore_errors=True)
         say(f"cannot start the warm pool ({exc}); workers start cold")
+        _start_failed = True
         return None
     finally:
         listener.close()

@@ -25,6 +25,7 @@ import os
 import select
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,7 @@ class WorkerProcesses:
             for local_rank in self.envs
         }
         self.succeeded: set[int] = set()
+        self.failed_after_finish: dict[int, ProcessFailure] = {}
         self._pidfds: dict[int, int] = {}
         self.spares_wanted = spares
         self.spares: list[Spare] = []
@@ -139,20 +141,26 @@ class WorkerProcesses:
             },
         )
 
-    def poll(self) -> dict[int, ProcessFailure]:
+    def poll(
+        self, finished: Callable[[int], bool] = lambda local_rank: False
+    ) -> dict[int, ProcessFailure]:
         """Failures of workers that are still counted, by local rank; workers
-        that finished successfully are remembered in ``succeeded``."""
+        that exited successfully are remembered in ``succeeded``, and those
+        that failed after ``finished(local_rank)`` (their training loop was
+        complete) in ``failed_after_finish``."""
         failures: dict[int, ProcessFailure] = {}
         for local_rank, context in self.contexts.items():
-            if local_rank in self.succeeded:
+            if local_rank in self.succeeded or local_rank in self.failed_after_finish:
                 continue
             result: RunProcsResult | None = context.wait(0)
             if result is None:
                 continue
-            if result.is_failed():
-                failures[local_rank] = next(iter(result.failures.values()))
-            else:
+            if not result.is_failed():
                 self.succeeded.add(local_rank)
+            elif finished(local_rank):
+                self.failed_after_finish[local_rank] = next(iter(result.failures.values()))
+            else:
+                failures[local_rank] = next(iter(result.failures.values()))
         return failures
 
     def wait_for_exit(self, timeout: float) -> None:
@@ -160,7 +168,7 @@ class WorkerProcesses:
         the next poll sees an exit within a millisecond instead of up to a
         poll interval later. Waits on pidfds (Linux 5.3+); without them it
         sleeps."""
-        live = {pid for local_rank, pid in self.pids().items() if local_rank not in self.succeeded}
+        live = {pid for local_rank, pid in self.pids().items() if local_rank not in self.ended()}
         for pid in set(self._pidfds) - live:
             os.close(self._pidfds.pop(pid))
         for pid in live - set(self._pidfds):
@@ -173,8 +181,12 @@ class WorkerProcesses:
         else:
             time.sleep(timeout)
 
-    def all_succeeded(self) -> bool:
-        return self.succeeded == set(self.contexts)
+    def ended(self) -> set[int]:
+        """The local ranks whose worker exited for good (not to be replaced)."""
+        return self.succeeded | set(self.failed_after_finish)
+
+    def all_ended(self) -> bool:
+        return self.ended() == set(self.contexts)
 
     # -- the PContext interface the agent uses ----------------------------------------
     def pids(self) -> dict[int, int]:

@@ -1,0 +1,88 @@
+"""How a worker process ends when Python's finalization is unsafe.
+
+An in-process recovery abandons the old group's pending gloo calls (nothing
+cancels them: docs/platform.md, "Nothing cancels a pending gloo call"). Such
+a call ends only when a peer's process exits and closes its connections, and
+jitckpt waits on these calls from Python, through a callback on their
+futures. If a peer exits while this interpreter is finalizing, gloo's thread
+fails the call and must take the GIL to run (or free) that callback; CPython
+ends a thread that asks for the GIL during finalization with
+``pthread_exit``, whose unwinding through C++ calls ``std::terminate``: the
+process aborts (SIGABRT, "terminate called after throwing an instance of
+'gloo::IoException'") after training finished, and the launcher sees a
+failed worker. Measured: every cold-started survivor whose abandoned call
+had not ended by the end of its script.
+
+So the worker's entry point (jitckpt.launch.bootstrap) asks :func:`unsafe`
+when the script has ended; if a registered check says so, it ends the
+process as Python would (non-daemon threads joined, atexit handlers run,
+stdio flushed, the same exit status) but with ``os._exit``, which skips the
+finalization. Torch-free and stdlib-only: the bootstrap imports it before
+torch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import NoReturn
+
+_checks: list[Callable[[], bool]] = []
+_lock = threading.Lock()
+
+
+def register(check: Callable[[], bool]) -> None:
+    """Add ``check()``: True while finalizing the interpreter is unsafe."""
+    with _lock:
+        _checks.append(check)
+
+
+def unregister(check: Callable[[], bool]) -> None:
+    with _lock:
+        if check in _checks:
+            _checks.remove(check)
+
+
+def unsafe() -> bool:
+    """Whether any registered check says finalization is unsafe now (a check
+    that fails counts as unsafe: skipping finalization loses nothing the
+    atexit handlers and flushed stdio do not cover)."""
+    with _lock:
+        checks = list(_checks)
+    for check in checks:
+        try:
+            if check():
+                return True
+        except Exception:  # noqa: BLE001 - see the docstring
+            return True
+    return False
+
+
+def status_of(exc: SystemExit) -> int:
+    """The exit status Python gives ``SystemExit(code)`` (printing a
+    non-integer code to stderr, as Python does)."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def end_process(status: int) -> NoReturn:
+    """End the process as the end of the script would, minus finalization."""
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
