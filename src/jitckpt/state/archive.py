@@ -205,6 +205,9 @@ def _tensor_at(buffer: bytearray, data_start: int, spec: dict[str, Any], size: i
     if dtype is None:
         raise CheckpointError(f"unknown tensor dtype {spec['dtype']!r}")
     shape = [int(n) for n in spec["shape"]]
+    if any(n < 0 for n in shape):
+        # Two negative dimensions can multiply to the right byte count.
+        raise CheckpointError(f"a tensor has a negative dimension {shape} (garbled header)")
     numel = int(np.prod(shape)) if shape else 1
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     start = data_start + int(spec["offset"])
