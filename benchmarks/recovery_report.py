@@ -34,6 +34,8 @@ def aggregate(drills: list[dict[str, Any]], all_modes: Sequence[Mode]) -> dict[s
         for key in ("recovery_s", "iterations_lost", "regain_s", "goal_s"):
             entry[key] = stats([d[key] for d in ok])
         with_goal = [d for d in ok if d["goal_s"] is not None]
+        for key in ("before_redo_s", "step_s"):  # in-process drills only
+            entry[key] = stats([d[key] for d in ok if d.get(key) is not None])
         entry["goal_met"] = sum(d["recovery_s"] <= d["goal_s"] for d in with_goal)
         entry["goal_drills"] = len(with_goal)
         result[mode.name] = entry
@@ -113,13 +115,26 @@ def report(result: dict[str, Any], all_modes: Sequence[Mode]) -> str:
     if inproc:
         lines += [
             "",
-            "in-process recovery (--deterministic; survivors keep running): failure to the "
-            "next step completed by every rank",
+            "in-process recovery (survivors keep running): failure to the next step "
+            "completed by every rank",
             _header(INPROC_LABELS, INPROC_PARTS) + "  goal",
         ]
     for mode in inproc:
         entry = modes[mode.name]
         lines.append(_row(mode, entry, "{:.3f}") + f"  {_goal(mode, entry, margin)}")
+    before_goal = config.get("before_redo_goal_s")
+    for mode in inproc:
+        entry = modes[mode.name]
+        before, step = entry.get("before_redo_s"), entry.get("step_s")
+        if not before or not step or mode.goal_s is not None or before_goal is None:
+            continue
+        met = before["median"] <= before_goal
+        lines.append(
+            f"  {mode.label}: before the redo {before['median']:.3f} s "
+            f"({before['min']:.3f}..{before['max']:.3f}), goal <= {before_goal:.2f} s: "
+            f"{'met' if met else 'NOT met'}; median step {step['median']:.3f} s, so end to "
+            f"end goal <= {entry['goal_s']['median']:.3f} s"
+        )
     lines += ["", "min / median / max per part, seconds:"]
     for mode in all_modes:
         entry = modes[mode.name]
