@@ -1,3 +1,3 @@
-from jitckpt.cli import main
+from jitckpt.cli import console
 
-raise SystemExit(main())
+console()

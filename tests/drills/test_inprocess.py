@@ -45,7 +45,7 @@ def test_kill_in_the_optimizer_step_with_a_hot_spare(
     """The survivors had finished step 6's update: they continue from 7, and
     so does the spare. (The other phases: test_kills_in_backward_allreduce_...).
     Workers start cold (no warm pool): such survivors aborted at exit when
-    an abandoned gloo call failed during finalization (jitckpt.worker_exit),
+    an abandoned gloo call failed during finalization (jitckpt.process_exit),
     and the launcher took that for a new failure."""
     spec = f"kill@step={FAIL_STEP},rank=2,phase=optimizer"
     drill(

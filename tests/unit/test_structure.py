@@ -133,7 +133,7 @@ ALLOWED = {
         "jitckpt.compat",
         "jitckpt.detect.signals",
         "jitckpt.analysis.summary",
-        "jitckpt.worker_exit",
+        "jitckpt.process_exit",
     ),
     "jitckpt.inprocess": (
         *VOCABULARY,
@@ -144,7 +144,7 @@ ALLOWED = {
         "jitckpt.detect.signals",
         "jitckpt.state",
         "jitckpt.tracker",
-        "jitckpt.worker_exit",
+        "jitckpt.process_exit",
     ),
     "jitckpt.testing": ("jitckpt.testing",),
     # The leaves and small shared modules (ARCHITECTURE.md, layers 1-2).
@@ -155,7 +155,7 @@ ALLOWED = {
     "jitckpt.protocol": (),
     "jitckpt.errors": ("jitckpt.protocol",),
     "jitckpt.events": (),
-    "jitckpt.worker_exit": (),
+    "jitckpt.process_exit": (),
 }
 
 
@@ -186,7 +186,7 @@ TORCH_FREE = (
     "jitckpt.analysis",
     "jitckpt.detect",
     "jitckpt.testing",
-    "jitckpt.worker_exit",
+    "jitckpt.process_exit",
     "jitckpt.launch.bootstrap",
     "jitckpt.launch.warmclient",
     "jitckpt.launch.wire",

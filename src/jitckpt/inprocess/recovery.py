@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jitckpt import attempt, compat, protocol, worker_exit
+from jitckpt import attempt, compat, process_exit, protocol
 from jitckpt import events as ev
 from jitckpt.comm import at_reduce, interruptible_all_reduce, step_of
 from jitckpt.detect import signals
@@ -186,9 +186,9 @@ class InProcessRecovery:
         # refers to them.
         self._retired: list[dist.ProcessGroup] = []
         self.recoveries = 0
-        # Futures of abandoned collectives (jitckpt.worker_exit).
+        # Futures of abandoned collectives (jitckpt.process_exit).
         self._abandoned: list[Any] = []
-        worker_exit.register(self.unsafe_to_finalize)
+        process_exit.register(self.unsafe_to_finalize)
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -290,7 +290,7 @@ class InProcessRecovery:
     def abandon(self, futures: list[Any], leftover: Any) -> None:
         """Take what an interrupted collective leaves: ``futures`` carry
         jitckpt's Python callbacks and may still fail at any time (watched
-        until the process ends: jitckpt.worker_exit); ``leftover`` (the work
+        until the process ends: jitckpt.process_exit); ``leftover`` (the work
         and its buffers) goes to the graveyard."""
         with self._cond:
             self._abandoned = [f for f in self._abandoned if not f.done()] + list(futures)
@@ -298,7 +298,7 @@ class InProcessRecovery:
 
     def unsafe_to_finalize(self) -> bool:
         """True while an abandoned call may still fail (and run a Python
-        callback on gloo's thread): see jitckpt.worker_exit."""
+        callback on gloo's thread): see jitckpt.process_exit."""
         with self._cond:
             return any(not future.done() for future in self._abandoned)
 

@@ -4,7 +4,7 @@ SCRIPT ARGS...`` (or ``--module MOD ARGS...``).
 It installs the SIGTERM thread before anything else runs, while the process
 still has a single thread, so every thread torch and gloo start later
 inherits the blocked mask (see jitckpt.detect.signals), then runs the training
-script as ``__main__``. When the script ends it checks jitckpt.worker_exit: after
+script as ``__main__``. When the script ends it checks jitckpt.process_exit: after
 an in-process recovery, finalizing the interpreter may abort the process,
 and the worker then ends without it (same exit status). Importing the jitckpt package here is cheap: its
 public names load lazily, and this module imports only the standard library.
@@ -16,7 +16,7 @@ import os
 import runpy
 import sys
 
-from jitckpt import worker_exit
+from jitckpt import process_exit
 from jitckpt.detect import signals
 
 
@@ -25,20 +25,20 @@ def main(argv: list[str]) -> None:
     try:
         _run(argv)
     except SystemExit as exc:
-        if not worker_exit.unsafe():
+        if not process_exit.unsafe():
             raise
-        status = worker_exit.status_of(exc)
+        status = process_exit.status_of(exc)
     except BaseException:
-        if not worker_exit.unsafe():
+        if not process_exit.unsafe():
             raise
         # What Python does with an uncaught exception (130: Ctrl-C).
         sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
         status = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
     else:
-        if not worker_exit.unsafe():
+        if not process_exit.unsafe():
             return
         status = 0
-    worker_exit.end_process(status)
+    process_exit.end_process(status)
 
 
 def _run(argv: list[str]) -> None:

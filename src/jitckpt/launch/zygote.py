@@ -318,6 +318,7 @@ def _preload() -> dict[str, str]:
 
 def serve_main(argv: list[str]) -> None:
     """``serve LISTEN_FD LIFELINE_FD``: the zygote's main program."""
+    from jitckpt import process_exit
     from jitckpt.detect import signals
     from jitckpt.launch import bootstrap
 
@@ -342,3 +343,6 @@ def serve_main(argv: list[str]) -> None:
     if request is not None:
         # The worker: from here on exactly what a cold bootstrap does.
         bootstrap.main(request.argv)
+    else:
+        # The zygote, done: nothing of it needs finalizing (jitckpt.process_exit).
+        process_exit.end_process(0)

@@ -1,4 +1,6 @@
-"""How a worker process ends when Python's finalization is unsafe.
+"""Ending a jitckpt process without Python's finalization, where it is
+unsafe (a worker after an in-process recovery) or only slow (the launcher
+and the warm pool's zygote, which have nothing left to finalize).
 
 An in-process recovery abandons the old group's pending gloo calls (nothing
 cancels them: docs/platform.md, "Nothing cancels a pending gloo call"). Such
@@ -17,8 +19,17 @@ So the worker's entry point (jitckpt.launch.bootstrap) asks :func:`unsafe`
 when the script has ended; if a registered check says so, it ends the
 process as Python would (non-daemon threads joined, atexit handlers run,
 stdio flushed, the same exit status) but with ``os._exit``, which skips the
-finalization. Torch-free and stdlib-only: the bootstrap imports it before
-torch.
+finalization.
+
+The launcher (``jitckpt run``) and the zygote end the same way, always:
+both have imported torch, and finalizing an interpreter that has took
+0.5-0.6 s here (measured: end of script to process reaped, 0.02 s with
+``os._exit``), paid on every launch. Once they are done (workers stopped,
+the event log written line by line, output flushed) nothing of theirs is
+left to finalize. A user's script is never ended this way unless it is
+unsafe: its own open files are flushed only by finalization.
+
+Torch-free and stdlib-only: the bootstrap imports it before torch.
 """
 
 from __future__ import annotations

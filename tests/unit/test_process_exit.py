@@ -1,4 +1,4 @@
-"""jitckpt.worker_exit through the worker bootstrap: when a registered check
+"""jitckpt.process_exit through the worker bootstrap: when a registered check
 says finalization is unsafe, the worker still ends as the script would have
 (exit status, atexit handlers, non-daemon threads, flushed output), only
 without Python's finalization."""
@@ -15,10 +15,10 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 SCRIPT = """
 import atexit, os, sys, threading, time
-from jitckpt import worker_exit
+from jitckpt import process_exit
 
 unsafe = sys.argv[1] == "unsafe"
-worker_exit.register(lambda: unsafe)
+process_exit.register(lambda: unsafe)
 atexit.register(lambda: print("atexit ran", flush=True))
 
 def late():
