@@ -21,6 +21,19 @@ def example_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def default_mode_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The output of the failure-free example GPT run in the default
+    (non-deterministic) mode, EXAMPLE_STEPS steps: default-mode drills
+    compare their logged losses with it (jobs.assert_loss_continues)."""
+    base = tmp_path_factory.mktemp("default-mode-reference")
+    args = [a for a in example_args(base / "run", base / "digest") if a != "--deterministic"]
+    launch = jitckpt_run(*args)
+    assert launch.returncode == 0, show(launch)
+    assert launch.resumed_steps() == []
+    return launch.output
+
+
+@pytest.fixture(scope="session")
 def cnn_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The final digest of the failure-free CNN run (4 ranks, deterministic,
     CNN_STEPS steps): BatchNorm statistics included."""

@@ -61,7 +61,16 @@ class DdpLayout:
         ctx = self.ctx
         started = time.monotonic()
         wait = ctx.dirty_wait() if wait_s is None else wait_s
-        frozen = ctx.tracker.freeze_clean(wait)
+        if reason == "sigterm" and ctx.buffers.broadcast and ctx.rank == 0:
+            # Rank 0's buffers are everyone's (DDP broadcasts them at every
+            # forward). Saved at once, a preempted rank 0 may stop one step
+            # behind its peers: its gradients already sent, they finish the
+            # step and save it with their own buffers, and no copy of that
+            # newest step holds the failure-free run's. Its loop is healthy:
+            # let it reach the next boundary first (bounded by the same wait).
+            frozen = ctx.tracker.freeze_at_boundary(wait)
+        else:
+            frozen = ctx.tracker.freeze_clean(wait)
         try:
             if self.device_steps is not None:
                 # On a GPU the host's position says little about the device's:
