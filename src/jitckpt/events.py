@@ -100,6 +100,10 @@ SAVE = _event(
     "a checkpoint was written (kind jit or periodic; digest in deterministic mode)",
 )  # fmt: skip
 SAVE_SKIPPED = _event("save_skipped", "worker", "reason", "no clean state to save, and why")
+LOOP_NOT_TRACKED = _event(
+    "loop_not_tracked", "worker", "fix",
+    "the optimizer stepped before the loop entered ckpt.steps(): no step is tracked, so no JIT checkpoint can be taken",
+)  # fmt: skip
 SAVE_FAILED = _event("save_failed", "worker", "kind step error", "a save could not be written")
 SHARDS_WRITTEN = _event(
     "shards_written", "worker", "kind step duration",

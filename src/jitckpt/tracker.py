@@ -170,6 +170,10 @@ class StepTracker:
             self._frozen = False
             self._cond.notify_all()
 
+    def passed_a_boundary(self) -> bool:
+        """Whether the loop ever marked a step boundary (ckpt.steps())."""
+        return self._last_boundary is not None
+
     def median_step_time(self) -> float | None:
         times = list(self._step_times)
         return statistics.median(times) if times else None

@@ -59,3 +59,49 @@ def test_summary_counts_lost_iterations_and_durations() -> None:
     assert failure["restart_s"] == pytest.approx(15.8 - 10.05)
     assert failure["recovery_s"] == pytest.approx(6.5)
     assert failure["failed_ranks"] == [2]
+
+
+def _write_events(run_dir, events) -> None:
+    import json
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_a_failure_the_job_never_came_back_from_is_said_in_words(tmp_path) -> None:
+    """No restore after the failure (the job gave up): the summary says so
+    instead of printing "None" anywhere."""
+    from jitckpt.analysis.summary import format_summary
+
+    _write_events(
+        tmp_path,
+        [
+            {"t": 0.0, "event": "start", "attempt": 0, "launch": "L", "rank": 0},
+            {"t": 1.0, "event": "detect", "attempt": 0, "launch": "L", "rank": 0,
+             "cause": "exception", "completed": 3},
+            {"t": 1.1, "event": "worker_failed", "rank": "agent", "failed_rank": 0,
+             "exitcode": 1},
+        ],
+    )  # fmt: skip
+    text = format_summary(tmp_path, "failed")
+    assert "None" not in text, text
+    assert "not resumed (no rank restored a state after it)" in text, text
+    assert "no checkpoint restored" in text, text
+
+
+def test_an_injected_fault_that_never_fired_is_named(tmp_path) -> None:
+    from jitckpt.analysis.summary import format_summary
+
+    fired = "kill@step=3,rank=1,phase=forward"
+    missed = "kill@step=99,rank=2,phase=backward"
+    _write_events(
+        tmp_path,
+        [
+            {"t": 0.0, "event": "start", "attempt": 0, "launch": "L", "rank": 0},
+            {"t": 1.0, "event": "fault_injected", "attempt": 0, "launch": "L", "rank": 1,
+             "spec": fired, "kind": "kill", "step": 3, "phase": "forward"},
+        ],
+    )  # fmt: skip
+    text = format_summary(tmp_path, "finished", [fired, missed])
+    assert f"injected fault {missed} never fired" in text, text
+    assert f"injected fault {fired} never fired" not in text, text

@@ -21,6 +21,7 @@ resumes at i+1 while survivors had begun i+1.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from jitckpt import events as ev
@@ -223,7 +224,26 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
-def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) -> str:
+def _resumed(step: int | None, lost: int | None) -> str:
+    """Where training went on after a failure, never "None": a failure the
+    job did not come back from (it gave up, or was stopped) says so."""
+    if step is None:
+        return "not resumed (no rank restored a state after it)"
+    return f"resumed at step {step}, iterations lost: {'-' if lost is None else lost}"
+
+
+def never_fired(events: list[dict[str, Any]], requested: Sequence[str]) -> list[str]:
+    """The fault specs asked for that no rank ever injected in this run
+    directory (a spec fires once per run directory, in any launch)."""
+    fired = {e.get("spec") for e in events if e["event"] == ev.FAULT_INJECTED}
+    return [spec for spec in requested if spec not in fired]
+
+
+def format_summary(
+    run_dir: str | os.PathLike[str], outcome: str | None = None, requested: Sequence[str] = ()
+) -> str:
+    """The launcher's closing summary. ``requested``: the fault specs of
+    ``--inject``/JITCKPT_INJECT, so that one that never fired is said."""
     events = read_events(run_dir)
     failures = summarize(events)
     attempts = len({e["attempt"] for e in events if isinstance(e.get("attempt"), int)})
@@ -243,7 +263,7 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
             f"{_fmt(r['reform_s'])}, transfer {_fmt(r['transfer_s'])}, redo {_fmt(r['redo_s'])}"
         )
         lines.append(
-            f"    resumed at step {r['resumed_step']}, iterations lost: {r['iterations_lost']}; "
+            f"    {_resumed(r['resumed_step'], r['iterations_lost'])}; "
             f"failure to next completed step {_fmt(r['recovery_s'])}"
         )
     for index, f in enumerate(failures, 1):
@@ -259,11 +279,13 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
         lines.append(
             f"    restart   {_fmt(f['restart_s'])} (new processes after {_fmt(f['spawn_s'])})"
         )
-        lines.append(
-            f"    restore   {_fmt(f['restore_s'])} ({f['restored_kind'] or 'none'} checkpoint, resumed at step {f['resumed_step']})"
+        restored = (
+            f"{f['restored_kind']} checkpoint" if f["restored_kind"] else "no checkpoint restored"
         )
+        lines.append(f"    restore   {_fmt(f['restore_s'])} ({restored})")
         lines.append(
-            f"    iterations lost: {f['iterations_lost']}; failure to next completed step {_fmt(f['recovery_s'])}"
+            f"    {_resumed(f['resumed_step'], f['iterations_lost'])}; "
+            f"failure to next completed step {_fmt(f['recovery_s'])}"
         )
         if f["jit_impossible"]:
             fallback = (
@@ -272,8 +294,16 @@ def format_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) 
                 else "no older checkpoint to resume from"
             )
             lines.append(f"    {f['jit_impossible']}; {fallback}")
+    for spec in never_fired(events, requested):
+        lines.append(
+            f"  injected fault {spec} never fired: that rank never reached that phase of "
+            f"that step (steps are counted by the loop's ckpt.steps(); is the run that "
+            f"long, and is its loop inside ckpt.steps()?)"
+        )
     return "\n".join(lines)
 
 
-def print_summary(run_dir: str | os.PathLike[str], outcome: str | None = None) -> None:
-    print(format_summary(run_dir, outcome), flush=True)
+def print_summary(
+    run_dir: str | os.PathLike[str], outcome: str | None = None, requested: Sequence[str] = ()
+) -> None:
+    print(format_summary(run_dir, outcome, requested), flush=True)

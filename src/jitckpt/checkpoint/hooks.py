@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from jitckpt import events as ev
 from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.layout import Layout
 from jitckpt.state import rng
@@ -33,6 +34,7 @@ class LoopHooks:
         self.ctx = ctx
         self.layout = layout
         self._forwards_in_step = 0
+        self._warned_untracked = False
 
     def new_step(self) -> None:
         """Called at every step boundary."""
@@ -47,6 +49,7 @@ class LoopHooks:
             # Before the tracker's hook: a fault "in the optimizer phase" strikes
             # after the all-reduce and before any parameter changes.
             optimizer.register_step_pre_hook(lambda *_: injector.at("optimizer"))
+        optimizer.register_step_pre_hook(self._check_loop_tracked)
         optimizer.register_step_pre_hook(lambda *_: layout.before_update())
         optimizer.register_step_pre_hook(tracker.optimizer_pre_hook)
         optimizer.register_step_post_hook(tracker.optimizer_post_hook)
@@ -99,6 +102,19 @@ class LoopHooks:
         model.register_forward_pre_hook(on_forward)
         model.register_forward_hook(watch_output)
         layout.install_reduction_hooks(model, on_bucket)
+
+    def _check_loop_tracked(self, *_: Any) -> None:
+        # A loop that is not inside ckpt.steps() trains with nothing tracked:
+        # a failure would find no clean state and the job would restart from
+        # its last checkpoint (or step 0). Say so once, at the first step.
+        if self._warned_untracked or self.ctx.tracker.passed_a_boundary():
+            return
+        self._warned_untracked = True
+        self.ctx.events.warn(
+            ev.LOOP_NOT_TRACKED,
+            fix="iterate the training loop with `for step in ckpt.steps(total_steps):` "
+            "(README, 'The change to a training script'); without it no JIT checkpoint can be taken",
+        )
 
     def _reseed_forward(self, *_: Any) -> None:
         # One stream per forward of the step: micro-batches of gradient

@@ -31,7 +31,7 @@ from jitckpt import events as ev
 from jitckpt.errors import FaultSpecError
 from jitckpt.inject import KINDS as INJECT_KINDS
 from jitckpt.inject import PHASES as INJECT_PHASES
-from jitckpt.inject import parse_spec
+from jitckpt.inject import parse_spec, parse_specs
 from jitckpt.launch.coordinator import RECOVERY_DEADLINE_S
 from jitckpt.launch.warmpool import WarmPool, start_pool
 from jitckpt.launch.wire import startup_env
@@ -309,7 +309,11 @@ def _launch(  # type: ignore[no-untyped-def]
     events = agent.events()
     if events is not None:
         events.emit(ev.JOB_END, outcome=outcome, status=status)
-        print_summary(Path(events.path).parent, outcome=outcome)
+        try:
+            requested = [str(s) for s in parse_specs(os.environ.get(protocol.INJECT_ENV))]
+        except FaultSpecError:
+            requested = []  # the workers said what is wrong with it
+        print_summary(Path(events.path).parent, outcome=outcome, requested=requested)
     if agent.fatal_message:
         print(f"jitckpt: not restarting: {agent.fatal_message}", file=sys.stderr)
     if status == protocol.EXIT_SAVED_AND_STOPPED:

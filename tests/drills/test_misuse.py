@@ -1,0 +1,42 @@
+"""Mistakes a user integrating jitckpt makes, each caught with a message
+that names the fix (not a silent run, a restart loop or a misleading error)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from jobs import jitckpt_run, show
+
+# A loop that forgot ckpt.steps(): everything else is integrated.
+UNTRACKED_LOOP = """
+import sys
+import torch
+import jitckpt
+
+jitckpt.init_process_group("gloo")
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+ckpt = jitckpt.JitCheckpoint(sys.argv[1], model, optimizer)
+for step in range(4):  # should be: for step in ckpt.steps(4)
+    optimizer.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+"""
+
+
+def test_a_loop_outside_ckpt_steps_is_warned_about_and_its_inject_said_never_fired(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(UNTRACKED_LOOP))
+    spec = "kill@step=2,rank=1,phase=backward"
+    launch = jitckpt_run(
+        "--inject", spec, str(script), str(tmp_path / "run"), nproc=2
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    # Once per rank, at the first optimizer step, naming the fix.
+    assert launch.output.count("loop not tracked") == 2, show(launch)
+    assert "for step in ckpt.steps(total_steps):" in launch.output, show(launch)
+    # The kill could not fire: no step was counted. The summary says so.
+    assert f"injected fault {spec} never fired" in launch.output, show(launch)
