@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "RunDirError",
+    "UsageError",
     "__version__",
 ]
 
@@ -37,12 +38,13 @@ _LAZY = {
     "CheckpointError": "jitckpt.errors",
     "CheckpointMismatchError": "jitckpt.errors",
     "RunDirError": "jitckpt.errors",
+    "UsageError": "jitckpt.errors",
 }
 
 if TYPE_CHECKING:
     from jitckpt.checkpoint import JitCheckpoint
     from jitckpt.distributed import init_process_group
-    from jitckpt.errors import CheckpointError, CheckpointMismatchError, RunDirError
+    from jitckpt.errors import CheckpointError, CheckpointMismatchError, RunDirError, UsageError
     from jitckpt.state.data import ElasticDistributedSampler
     from jitckpt.state.digest import state_digest
     from jitckpt.state.mesh import init_device_mesh

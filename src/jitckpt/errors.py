@@ -33,6 +33,12 @@ class CheckpointWriteError(JitckptError):
     copy is removed; older checkpoints are untouched."""
 
 
+class UsageError(JitckptError, TypeError):
+    """jitckpt was handed something it cannot work with (a loader that cannot
+    say its position, ...). Raised before training starts; no restart can get
+    past it, so the launcher stops (exit 78) instead of retrying."""
+
+
 class FaultSpecError(JitckptError, ValueError):
     """A fault-injection SPEC does not parse."""
 

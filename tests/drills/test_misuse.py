@@ -40,3 +40,37 @@ def test_a_loop_outside_ckpt_steps_is_warned_about_and_its_inject_said_never_fir
     assert "for step in ckpt.steps(total_steps):" in launch.output, show(launch)
     # The kill could not fire: no step was counted. The summary says so.
     assert f"injected fault {spec} never fired" in launch.output, show(launch)
+
+
+# Integrated, but handing JitCheckpoint a plain DataLoader.
+PLAIN_LOADER = """
+import sys
+import torch
+from torch.utils.data import DataLoader
+import jitckpt
+
+jitckpt.init_process_group("gloo")
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(list(range(8)), batch_size=2)
+ckpt = jitckpt.JitCheckpoint(sys.argv[1], model, optimizer, loader=loader)
+"""
+
+
+def test_an_error_no_restart_can_fix_stops_the_job_at_once_with_78(tmp_path: Path) -> None:
+    """A loader jitckpt cannot take is the script's configuration: every
+    attempt would fail the same way, so the launcher stops after the first
+    (exit 78) instead of restarting three times and exiting 1."""
+    from jitckpt.events import read_events
+    from jitckpt.protocol import EXIT_FATAL
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(PLAIN_LOADER))
+    launch = jitckpt_run(str(script), str(tmp_path / "run"), nproc=2)
+    assert launch.returncode == EXIT_FATAL, show(launch)
+    assert "StatefulDataLoader" in launch.output, show(launch)
+    # One attempt: both ranks failed once, nothing was restarted, and the
+    # console does not claim otherwise.
+    assert launch.output.count("jitckpt: error: jitckpt needs a loader") == 2, show(launch)
+    assert not [e for e in read_events(tmp_path / "run") if e["event"] == "restart_begin"]
+    assert "restarting all workers" not in launch.output, show(launch)

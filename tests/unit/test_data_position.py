@@ -12,7 +12,7 @@ import pytest
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from jitckpt.errors import CheckpointMismatchError
+from jitckpt.errors import CheckpointMismatchError, UsageError
 from jitckpt.state.data import DataPosition, ElasticDistributedSampler
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
@@ -169,6 +169,8 @@ def test_batch_size_change_at_another_world_size_is_refused() -> None:
 
 def test_loader_without_state_dict_is_refused_naming_stateful_data_loader() -> None:
     plain = DataLoader(list(range(8)), batch_size=2)
-    with pytest.raises(TypeError, match="StatefulDataLoader") as caught:
+    # A UsageError (the launcher stops instead of restarting), still a TypeError.
+    with pytest.raises(UsageError, match="StatefulDataLoader") as caught:
         DataPosition(plain)
+    assert isinstance(caught.value, TypeError)
     assert "DataLoader" in str(caught.value)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from jitckpt import events as ev
 from jitckpt import protocol
 from jitckpt.detect.watchdog import read_suspects
-from jitckpt.errors import CheckpointError, InjectedFault, RunDirError, exit_fatal
+from jitckpt.errors import CheckpointError, InjectedFault, RunDirError, UsageError, exit_fatal
 from jitckpt.events import EventLog
 from jitckpt.tracker import StepTracker
 
@@ -135,7 +135,7 @@ class FailurePath:
     def on_exception(
         self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
     ) -> None:
-        if isinstance(exc, (RunDirError, CheckpointError)):
+        if isinstance(exc, (RunDirError, CheckpointError, UsageError)):
             # No attempt can get past this: tell the launcher not to restart.
             exit_fatal(str(exc), self.rank if self.rank is not None else os.getpid())
         if not self.ready:

@@ -300,8 +300,15 @@ class JitAgent(LocalElasticAgent):
             events.emit(
                 ev.INPROC_FALLBACK, path="restart", reason=reason, failed_ranks=failed_ranks
             )
+        if self.control.fatal_messages():
+            return  # nothing restarts; the launcher says why when the job ends
+        then = (
+            "restarting all workers"
+            if self._remaining_restarts > 0
+            else "no restarts left (--max-restarts)"
+        )
         print(
-            f"jitckpt: in-process recovery does not apply ({reason}); restarting all workers",
+            f"jitckpt: in-process recovery does not apply ({reason}); {then}",
             file=sys.stderr,
             flush=True,
         )

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
-from jitckpt.errors import CheckpointMismatchError
+from jitckpt.errors import CheckpointMismatchError, UsageError
 
 
 class ElasticDistributedSampler(DistributedSampler):  # type: ignore[type-arg]
@@ -89,7 +89,7 @@ class DataPosition:
 
     def __init__(self, loader: Any) -> None:
         if not (hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")):
-            raise TypeError(
+            raise UsageError(
                 f"jitckpt needs a loader with state_dict()/load_state_dict() to resume at the "
                 f"exact batch; got {type(loader).__name__}. Use "
                 f"torchdata.stateful_dataloader.StatefulDataLoader (a drop-in for DataLoader)."
