@@ -67,11 +67,11 @@ def uses_store(world_size: int) -> bool:
     )
 
 
-def record_group_settings(backend: str, extra: dict[str, Any]) -> None:
+def record_group_settings(backend: str | None, extra: dict[str, Any]) -> None:
     _group_settings.update(backend=backend, extra=dict(extra))
 
 
-def group_settings() -> tuple[str, dict[str, Any]]:
+def group_settings() -> tuple[str | None, dict[str, Any]]:
     """The backend and options the script's group was made with."""
     return _group_settings["backend"], dict(_group_settings["extra"])
 

@@ -19,7 +19,7 @@ from jitckpt.detect import signals
 
 
 def init_process_group(
-    backend: str = "gloo",
+    backend: str | None = "gloo",
     timeout: timedelta | None = None,
     **kwargs: object,
 ) -> None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
 from jobs import jitckpt_run, show
+
+from jitckpt.events import read_events
 
 # A loop that forgot ckpt.steps(): everything else is integrated.
 UNTRACKED_LOOP = """
@@ -61,7 +64,6 @@ def test_an_error_no_restart_can_fix_stops_the_job_at_once_with_78(tmp_path: Pat
     """A loader jitckpt cannot take is the script's configuration: every
     attempt would fail the same way, so the launcher stops after the first
     (exit 78) instead of restarting three times and exiting 1."""
-    from jitckpt.events import read_events
     from jitckpt.protocol import EXIT_FATAL
 
     script = tmp_path / "train.py"
@@ -74,3 +76,51 @@ def test_an_error_no_restart_can_fix_stops_the_job_at_once_with_78(tmp_path: Pat
     assert launch.output.count("jitckpt: error: jitckpt needs a loader") == 2, show(launch)
     assert not [e for e in read_events(tmp_path / "run") if e["event"] == "restart_begin"]
     assert "restarting all workers" not in launch.output, show(launch)
+
+
+# Integrated, but the group is still made the plain way.
+PLAIN_INIT = """
+import sys
+import torch
+import torch.distributed as dist
+import jitckpt
+
+dist.init_process_group("gloo")  # not jitckpt.init_process_group
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+ckpt = jitckpt.JitCheckpoint(sys.argv[1], model, optimizer)
+for step in ckpt.steps(6):
+    optimizer.zero_grad()
+    gen = torch.Generator().manual_seed(step * 10 + dist.get_rank())
+    model(torch.randn(2, 4, generator=gen)).sum().backward()
+    optimizer.step()
+if dist.get_rank() == 0:
+    print("final", model.module.weight.sum().item(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("recovery", ["restart", "auto"])
+def test_a_plain_init_process_group_is_adopted_and_survives_a_failure(
+    tmp_path: Path, recovery: str
+) -> None:
+    """A script that kept `dist.init_process_group("gloo")`: the restarted
+    attempt used to fail ("Gloo connectFullMesh failed ... Connection
+    refused": the agent's store still held the old attempt's addresses).
+    Adopted by the bootstrap, the group survives a kill on both paths and
+    the run ends where the failure-free run does."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(PLAIN_INIT))
+    reference = jitckpt_run(str(script), str(tmp_path / "ref"), nproc=2)
+    assert reference.returncode == 0, show(reference)
+    launch = jitckpt_run(
+        "--recovery", recovery, "--inject", "kill@step=3,rank=1,phase=backward",
+        str(script), str(tmp_path / "run"), nproc=2,
+    )  # fmt: skip
+    assert launch.returncode == 0, show(launch)
+    assert "Connection refused" not in launch.output, show(launch)
+    failed = [e for e in read_events(tmp_path / "run") if e["event"] == "fault_injected"]
+    assert len(failed) == 1, show(launch)
+    final = [line for line in launch.output.splitlines() if line.startswith("final ")]
+    expected = [line for line in reference.output.splitlines() if line.startswith("final ")]
+    assert final == expected and final, show(launch)

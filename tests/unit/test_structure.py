@@ -134,6 +134,9 @@ ALLOWED = {
         "jitckpt.detect.signals",
         "jitckpt.analysis.summary",
         "jitckpt.process_exit",
+        # In a worker only, when the script calls init_process_group
+        # (launch.adopt): the group is jitckpt's.
+        "jitckpt.distributed",
     ),
     "jitckpt.inprocess": (
         *VOCABULARY,
@@ -188,6 +191,7 @@ TORCH_FREE = (
     "jitckpt.testing",
     "jitckpt.process_exit",
     "jitckpt.launch.bootstrap",
+    "jitckpt.launch.adopt",
     "jitckpt.launch.warmclient",
     "jitckpt.launch.wire",
     "jitckpt.launch.warmpool",

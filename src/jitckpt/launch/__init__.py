@@ -8,6 +8,9 @@ imported (warmpool, zygote, warmclient, wire); and the worker entry point
 that installs the signal thread first (bootstrap). Talks to workers only
 through jitckpt.protocol (environment, control directory, store keys, exit
 codes); never imports the worker runtime (checkpoint, state, inprocess).
+One exception, in a worker only: adopt hands a script's plain
+``torch.distributed.init_process_group`` to jitckpt.distributed when the
+script calls it.
 At the end of a run it prints jitckpt.analysis.summary (torch-free).
 bootstrap and the warm-pool client run before torch is imported in a
 worker and import only the standard library.

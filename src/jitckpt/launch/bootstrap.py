@@ -3,8 +3,9 @@ SCRIPT ARGS...`` (or ``--module MOD ARGS...``).
 
 It installs the SIGTERM thread before anything else runs, while the process
 still has a single thread, so every thread torch and gloo start later
-inherits the blocked mask (see jitckpt.detect.signals), then runs the training
-script as ``__main__``. When the script ends it checks jitckpt.process_exit: after
+inherits the blocked mask (see jitckpt.detect.signals), makes a plain
+``torch.distributed.init_process_group`` build jitckpt's group
+(jitckpt.launch.adopt), then runs the training script as ``__main__``. When the script ends it checks jitckpt.process_exit: after
 an in-process recovery, finalizing the interpreter may abort the process,
 and the worker then ends without it (same exit status). Importing the jitckpt package here is cheap: its
 public names load lazily, and this module imports only the standard library.
@@ -18,10 +19,12 @@ import sys
 
 from jitckpt import process_exit
 from jitckpt.detect import signals
+from jitckpt.launch import adopt
 
 
 def main(argv: list[str]) -> None:
     signals.install()
+    adopt.install()
     try:
         _run(argv)
     except SystemExit as exc:
