@@ -149,6 +149,9 @@ class ControlDir:
       checkpoint; the agent's kill grace stretches meanwhile.
     * ``fatal-WHO``: a worker's error that no restart can fix; the agent
       stops restarting and prints it.
+    * ``persisters/PID``: a persister a worker started (staging), and the
+      run's staging directory: the launcher waits for it at the end of the
+      job and then removes the staged copies that are persisted.
     * ``finished/LOCAL_RANK``: that worker completed its training loop; if
       it fails after that (in the script's own code after the loop, or at
       exit), the agent neither restarts nor recovers it: there is no
@@ -159,6 +162,7 @@ class ControlDir:
     PIDS_DIR = "pids"
     SAVING_DIR = "saving"
     FINISHED_DIR = "finished"
+    PERSISTERS_DIR = "persisters"
     FATAL_PREFIX = "fatal-"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -196,6 +200,10 @@ class ControlDir:
         (self.path / self.FINISHED_DIR).mkdir(exist_ok=True)
         (self.path / self.FINISHED_DIR / str(local_rank)).touch()
 
+    def record_persister(self, pid: int, record: str) -> None:
+        (self.path / self.PERSISTERS_DIR).mkdir(exist_ok=True)
+        (self.path / self.PERSISTERS_DIR / str(pid)).write_text(record)
+
     def report_fatal(self, who: str | int, message: str) -> None:
         (self.path / f"{self.FATAL_PREFIX}{who}").write_text(message)
 
@@ -211,6 +219,17 @@ class ControlDir:
                 found.append(int(entry.read_text()))
             except (OSError, ValueError):
                 continue  # gone meanwhile (a spare that was just assigned)
+        return found
+
+    def persisters(self) -> dict[int, str]:
+        """The persisters workers started, each with what its worker recorded
+        of its run's staging (jitckpt.storage.staging.Staging.record)."""
+        found = {}
+        for entry in sorted((self.path / self.PERSISTERS_DIR).glob("[!.]*")):
+            try:
+                found[int(entry.name)] = entry.read_text()
+            except (OSError, ValueError):
+                continue
         return found
 
     def is_saving(self, local_rank: str | int) -> bool:

@@ -134,6 +134,7 @@ ALLOWED = {
         "jitckpt.detect.signals",
         "jitckpt.analysis.summary",
         "jitckpt.process_exit",
+        "jitckpt.storage.staging",
     ),
     "jitckpt.inprocess": (
         *VOCABULARY,

@@ -8,7 +8,9 @@ imported (warmpool, zygote, warmclient, wire); and the worker entry point
 that installs the signal thread first (bootstrap). Talks to workers only
 through jitckpt.protocol (environment, control directory, store keys, exit
 codes); never imports the worker runtime (checkpoint, state, inprocess).
-At the end of a run it prints jitckpt.analysis.summary (torch-free).
+At the end of a run it waits for the persisters of staged checkpoints and
+frees what they persisted (jitckpt.storage.staging.settle, torch-free) and
+prints jitckpt.analysis.summary (torch-free).
 bootstrap and the warm-pool client run before torch is imported in a
 worker and import only the standard library.
 """

@@ -35,6 +35,7 @@ from jitckpt.inject import parse_spec
 from jitckpt.launch.coordinator import RECOVERY_DEADLINE_S
 from jitckpt.launch.warmpool import WarmPool, start_pool
 from jitckpt.launch.wire import startup_env
+from jitckpt.storage.staging import settle
 
 # Restarts allowed by default: torchrun's default is 0, which turns the first
 # failure into the end of the job. Each failure costs one restart.
@@ -306,6 +307,9 @@ def _launch(  # type: ignore[no-untyped-def]
     finally:
         if shutdown_rdzv:
             spec.rdzv_handler.shutdown()
+    # Staged copies the workers left (also after a preemption): wait for
+    # their persisters, then free the shared memory of those persisted.
+    settle(protocol.ControlDir(control_dir).persisters())
     events = agent.events()
     if events is not None:
         events.emit(ev.JOB_END, outcome=outcome, status=status)
