@@ -24,12 +24,13 @@ The store's key space, per rendezvous round and restart attempt (see
       inproc/finished/G/RANK        RANK is done with recovery G (names the laggards)
       inproc/step/G                 the step recovery G resumed at (written by its source)
       inproc/progressed/G           counter: ranks that completed that step after recovery G
-      inproc/kill/RANK              a survivor asks the agent to kill a hung rank, JSON {generation}
+      inproc/kill/RANK              a survivor asks the agent to kill a hung rank, JSON {generation, by}
       gen_G/...                     the default group formed by recovery G
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -133,6 +134,31 @@ INPROC_RANK_DONE_KEY = "inproc/finished/{generation}/{rank}"
 INPROC_STEP_KEY = "inproc/step/{generation}"
 INPROC_PROGRESSED_COUNTER = "inproc/progressed/{generation}"
 INPROC_KILL_KEY = "inproc/kill/{rank}"
+
+
+def kill_request(generation: int, by: int) -> str:
+    """The value of INPROC_KILL_KEY: rank ``by`` asks during ``generation``."""
+    return json.dumps({"generation": generation, "by": by})
+
+
+def parse_kill_request(value: bytes, rank: int, world_size: int) -> int:
+    """The generation of a kill request for ``rank``; raises ValueError,
+    saying why, for anything but a request made by another rank of this
+    job in the format of :func:`kill_request`. Whoever reaches the store
+    can write it, and the agent SIGKILLs a worker on it."""
+    try:
+        request = json.loads(value.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not JSON: {value[:80]!r}") from None
+    if not isinstance(request, dict) or set(request) != {"generation", "by"}:
+        raise ValueError(f"not {{generation, by}}: {value[:80]!r}")
+    generation, by = request["generation"], request["by"]
+    for name, number in (("generation", generation), ("by", by)):
+        if type(number) is not int or number < 0:
+            raise ValueError(f"{name} is not a count: {number!r}")
+    if by >= world_size or by == rank:
+        raise ValueError(f"asked by rank {by}, not another rank of this job of {world_size}")
+    return int(generation)
 
 
 # -- the control directory -------------------------------------------------------------
