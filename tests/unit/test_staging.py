@@ -10,8 +10,8 @@ The attacks run as root, with a forked child that setuid()s to another uid
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import multiprocessing
 import os
 import shutil
 import stat
@@ -22,7 +22,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from test_restorer import rank_context, restore, save_at, tiny_model
@@ -52,7 +51,9 @@ def shared(tmp_path: Path) -> Iterator[Path]:
 
 def as_other_user(action: Callable[[], object]) -> object:
     """Run ``action`` in a forked child as uid 65534; its result, or the
-    exception it raised (as the child's traceback text), comes back."""
+    exception it raised (as the child's traceback text), comes back. The
+    child starts no thread and imports nothing (this process may hold
+    torch's threads: only plain system calls are safe after fork)."""
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -135,8 +136,10 @@ def test_a_planted_checkpoint_without_run_id_is_never_seen(tmp_path: Path, share
     run_root = shared / f"jitckpt-{os.geteuid()}" / run_key(run_dir, identity)
 
     def plant() -> str:
-        os.makedirs(run_root / "checkpoints", mode=0o700)
-        storage.DirectoryStorage(run_root / "checkpoints").write(manifest(99, None), b"42")
+        planted = run_root / "checkpoints" / manifest(99, None).name
+        os.makedirs(planted, mode=0o700)
+        (planted / "state.pt").write_bytes(b"42")
+        (planted / "manifest.json").write_bytes(manifest(99, None).to_bytes())
         return "planted"
 
     assert as_other_user(plant) == "'planted'"
@@ -289,42 +292,54 @@ def test_settle_waits_for_the_persisters_then_frees_what_they_persisted(
 
 
 # -- startup cleanup -----------------------------------------------------------------------
-def _write_slowly(root: str, ready: Any, go_on: Any) -> None:
-    def pause(point: str) -> None:
-        if point == "payload_half":
-            ready.set()
-            go_on.wait(30)
+# Another process (fresh: forking this one, which has torch's threads, may
+# deadlock) writes checkpoint step 5 and pauses with half its payload
+# written until a line arrives on its stdin.
+SLOW_WRITER = """
+import sys
+from jitckpt.storage import DirectoryStorage, Manifest
 
-    storage.DirectoryStorage(root).write(manifest(5, "r"), b"x" * 4096, on_point=pause)
+def pause(point):
+    if point == "payload_half":
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+manifest = Manifest(kind="jit", step=5, world_size=1, attempt=0, run_id="r")
+DirectoryStorage(sys.argv[1]).write(manifest, b"x" * 4096, on_point=pause)
+"""
+
+
+@contextlib.contextmanager
+def paused_writer(store: storage.DirectoryStorage) -> Iterator[subprocess.Popen[str]]:
+    """The writer, paused; ``writer.stdin.close()`` lets it finish."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(store.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        yield writer
+    finally:
+        if writer.stdin is not None and not writer.stdin.closed:
+            writer.stdin.close()
+        writer.wait(30)
 
 
 def test_cleanup_leaves_a_live_writers_directory_and_removes_a_dead_ones(tmp_path: Path) -> None:
     store = storage.DirectoryStorage(tmp_path / "checkpoints")
-    context = multiprocessing.get_context("fork")
-    ready, go_on = context.Event(), context.Event()
-    writer = context.Process(target=_write_slowly, args=(str(store.root), ready, go_on))
-    writer.start()
-    try:
-        assert ready.wait(30)
+    with paused_writer(store) as writer:
         (live,) = [p for p in store.root.glob(".tmp-*") if p.is_dir()]
         assert store.remove_stale_temporaries() == []
         assert live.is_dir() and (live / "state.pt").exists()
-        go_on.set()
-        writer.join(30)
-        assert writer.exitcode == 0
-        assert [c.step for c in store.candidates()] == [5]
-        assert list(store.root.glob(".tmp-*")) == []
-    finally:
-        go_on.set()
-        writer.join(5)
+    assert writer.returncode == 0
+    assert [c.step for c in store.candidates()] == [5]
+    assert list(store.root.glob(".tmp-*")) == []
     # A writer that died midway: its directory and lock go.
-    ready.clear()
-    go_on.clear()
-    dead = context.Process(target=_write_slowly, args=(str(store.root), ready, go_on))
-    dead.start()
-    assert ready.wait(30)
-    dead.kill()
-    dead.join(5)
+    shutil.rmtree(store.root)
+    with paused_writer(store) as dead:
+        dead.kill()
     leftovers = sorted(p.name for p in store.root.glob(".tmp-*"))
     assert len(leftovers) == 2, leftovers  # the directory and its lock file
     assert [p.name for p in store.remove_stale_temporaries()] == [leftovers[0]]
@@ -346,3 +361,21 @@ def test_a_staged_checkpoint_without_this_runs_id_is_refused_on_restore(
     assert [(e["path"], "no run id" in e["reason"]) for e in refused] == [(str(planted), True)]
     (restored,) = [e for e in read_events(ctx.run_dir) if e["event"] == "restore"]
     assert restored["source"] == "durable"
+
+
+def test_a_writer_never_removes_another_live_writers_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers of one temporary name (another node's persister with the
+    same pid on a shared filesystem): the second fails, the first's
+    directory stays."""
+    store = storage.DirectoryStorage(tmp_path / "checkpoints")
+    with paused_writer(store) as writer:
+        (theirs,) = [p for p in store.root.glob(".tmp-*") if p.is_dir()]
+        # This process takes their name: their lock is held, so it backs off.
+        with monkeypatch.context() as patch, pytest.raises(CheckpointWriteError):
+            patch.setattr(os, "getpid", lambda: writer.pid)
+            store.write(manifest(5, "r"), b"mine")
+        assert theirs.is_dir() and theirs.with_name(theirs.name + ".lock").exists()
+    assert writer.returncode == 0 and [c.step for c in store.candidates()] == [5]
+    assert store.read_verified(store.candidates()[0]) == b"x" * 4096

@@ -165,9 +165,11 @@ class DirectoryStorage:
         name = manifest.name
         final = self.root / name
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        locked = False  # the temporary directory is this writer's to remove
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
             with _WriterLock(tmp, self.file_mode):
+                locked = True
                 _remove(tmp)  # a leftover of this pid's earlier life
                 with self._new_dir(tmp) as directory:
                     point("tmp_created")
@@ -179,7 +181,8 @@ class DirectoryStorage:
                         directory, tmp, final, manifest, {PAYLOAD: FileEntry(size, crc)}, point
                     )
         except OSError as exc:
-            _remove(tmp)
+            if locked:
+                _remove(tmp)
             raise CheckpointWriteError(self._explain(exc, name, body.size), exc.errno) from None
         point("renamed")
         _fsync_path(self.root)
