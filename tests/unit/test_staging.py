@@ -31,7 +31,14 @@ from jitckpt.errors import CheckpointWriteError
 from jitckpt.events import read_events
 from jitckpt.storage import directory as directory_module
 from jitckpt.storage.rundir import prepare_run_dir, run_id
-from jitckpt.storage.staging import Staging, StagingUnsafe, run_key, settle, user_root
+from jitckpt.storage.staging import (
+    Staging,
+    StagingUnsafe,
+    remove_persisted,
+    run_key,
+    settle,
+    user_root,
+)
 
 OTHER_UID = 65534
 SHM = Path("/dev/shm")
@@ -146,6 +153,18 @@ def test_a_planted_checkpoint_without_run_id_is_never_seen(tmp_path: Path, share
     assert Staging.open(shared, identity, durable, run_dir) is None
     # And inside a private directory of this user, a staged copy without
     # this run's id is refused by the restorer (test_restorer.py).
+
+
+def test_tidying_staging_never_removes_the_durable_copy_it_compares_with(tmp_path: Path) -> None:
+    """The deletion the planted symlink caused: staging seen through a link
+    to the run directory's checkpoints finds each durable copy "persisted"
+    (same checksum) and must not remove it."""
+    _run_dir, durable, identity = durable_run(tmp_path)
+    before = durable_names(durable)
+    through_link = tmp_path / "linked"
+    os.symlink(durable.root, through_link)
+    assert remove_persisted(storage.DirectoryStorage(through_link), durable, identity) == []
+    assert durable_names(durable) == before
 
 
 # -- the other user against a job's private staging ----------------------------------------
