@@ -34,6 +34,7 @@ from jitckpt.storage.rundir import prepare_run_dir, run_id
 from jitckpt.storage.staging import (
     Staging,
     StagingUnsafe,
+    _alive,
     remove_persisted,
     run_key,
     settle,
@@ -398,3 +399,30 @@ def test_a_writer_never_removes_another_live_writers_directory(
         assert theirs.is_dir() and theirs.with_name(theirs.name + ".lock").exists()
     assert writer.returncode == 0 and [c.step for c in store.candidates()] == [5]
     assert store.read_verified(store.candidates()[0]) == b"x" * 4096
+
+
+def test_startup_cleanup_during_a_persisters_copy_leaves_it_alone(
+    tmp_path: Path, shared: Path
+) -> None:
+    """Issue 16's multi-node loss: rank 0's startup cleanup ran while a
+    persister wrote its copy to the run directory (256 MB, mid-write) and
+    removed it. Here a real persister copies 128 MB while the cleanup runs
+    as soon as its temporary directory appears."""
+    run_dir, durable, identity = durable_run(tmp_path)
+    staging = Staging(shared, identity, durable, run_dir)
+    staged = staging.storage.write(manifest(6, identity), os.urandom(1 << 20) * 128)
+    persister = staging.persist_in_background(staged, rank=1, attempt=0)
+    seen, removed = 0, []
+    deadline = time.monotonic() + 60
+    while _alive(persister) and time.monotonic() < deadline:
+        if any(p.is_dir() for p in durable.root.glob(".tmp-*")):
+            seen += 1
+            removed += durable.remove_stale_temporaries()
+        time.sleep(0.001)
+    print(f"cleanup ran {seen} times during the persister's write; removed {removed}")
+    assert seen > 0, "the persister's write was never caught in flight"
+    assert removed == []
+    events = [e["event"] for e in read_events(run_dir) if e.get("role") == "persister"]
+    assert events == ["persisted"]
+    found = durable.find(staged.name)
+    assert found is not None and found.checksum == staging.storage.find(staged.name).checksum
