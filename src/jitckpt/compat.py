@@ -19,7 +19,10 @@ Launcher side (torch.distributed.elastic, jitckpt.launch):
   JitAgent overrides or reads (``_start_workers``, ``_stop_workers``,
   ``_monitor_workers``, ``_restart_workers``, ``_shutdown``, ``_pcontext``,
   ``_remaining_restarts``); ``_shutdown(timeout=...)`` is newer than 2.11.
-* the c10d rendezvous handler's round (``_state_holder.state.round``).
+* the c10d rendezvous handler's round (``_state_holder.state.round``), and
+  its ``_create_tcp_store_server`` (the TCPStore shared with the workers),
+  replaced for ``--standalone`` by one listening on loopback only
+  (:func:`loopback_rendezvous`).
 * a process context's ``subprocess_handlers`` (each worker's Popen).
 * ``DefaultLogsSpecs``'s ``_redirects`` and ``_tee``.
 * ``LaunchConfig.shutdown_timeout`` (newer than torch 2.6).
@@ -59,6 +62,53 @@ def addr_and_port(rdzv_parameters: Any) -> tuple[str | None, int | None]:
     from torch.distributed.launcher.api import _get_addr_and_port
 
     return _get_addr_and_port(rdzv_parameters)  # type: ignore[no-any-return]
+
+
+def loopback_store(timeout_s: float = 60.0) -> Any:
+    """A TCPStore server that listens on 127.0.0.1 only. TCPStore binds its
+    server to every interface and has no bind address; it takes a socket
+    the caller bound instead (``master_listen_fd``), and owns it after."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(socket.SOMAXCONN)
+        port = listener.getsockname()[1]
+    except OSError:
+        listener.close()
+        raise
+    return dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        multi_tenant=True,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        master_listen_fd=listener.detach(),
+    )
+
+
+def loopback_rendezvous(rdzv_parameters: Any) -> Any:
+    """The c10d rendezvous handler of a one-node job whose two TCPStore
+    servers (the rendezvous backend's, and the one shared with the workers)
+    listen on 127.0.0.1 only: torch's own listen on every interface, where
+    anyone who reaches the host could write the control keys or the
+    pickles the rendezvous reads."""
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    timeout_s = float(rdzv_parameters.get_as_int("read_timeout", 60) or 60)
+    store = loopback_store(timeout_s)
+    backend = C10dRendezvousBackend(store, rdzv_parameters.run_id)
+    handler = create_handler(store, backend, rdzv_parameters)
+    # Its own would listen on every interface (called on rank 0, per round).
+    setattr(handler, "_create_tcp_store_server", lambda _addr, _port: loopback_store())  # noqa: B010
+    return handler
 
 
 @contextlib.contextmanager
@@ -199,6 +249,21 @@ def check() -> list[str]:
         return "_state_holder" in source and "round" in source
 
     need(rendezvous_state, "DynamicRendezvousHandler._state_holder.state.round")
+
+    def store_server() -> bool:
+        import torch.distributed as dist
+        from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+        handler = dynamic_rendezvous.DynamicRendezvousHandler
+        return (
+            callable(getattr(handler, "_create_tcp_store_server", None))
+            and hasattr(dynamic_rendezvous, "create_handler")
+            and "master_listen_fd" in (dist.TCPStore.__init__.__doc__ or "")
+        )
+
+    need(
+        store_server, "DynamicRendezvousHandler._create_tcp_store_server, TCPStore master_listen_fd"
+    )
 
     def handlers() -> bool:
         from torch.distributed.elastic.multiprocessing import api

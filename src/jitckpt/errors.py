@@ -30,7 +30,19 @@ class CheckpointMismatchError(CheckpointError):
 
 class CheckpointWriteError(JitckptError):
     """A checkpoint could not be written (disk full, I/O error). The partial
-    copy is removed; older checkpoints are untouched."""
+    copy is removed; older checkpoints are untouched. ``errno`` is the
+    failed call's, when one failed."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def full(self) -> bool:
+        """The filesystem (or the user's quota on it) was full."""
+        import errno
+
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class UsageError(JitckptError, TypeError):

@@ -99,6 +99,10 @@ SAVE = _event(
     "kind step path bytes staged persister_pid duration digest writers blocked_s copy_s",
     "a checkpoint was written (kind jit or periodic; digest in deterministic mode)",
 )  # fmt: skip
+STAGING_FULL = _event(
+    "staging_full", "worker", "step error",
+    "shared memory was full: the JIT checkpoint is written to the run directory instead",
+)  # fmt: skip
 SAVE_SKIPPED = _event("save_skipped", "worker", "reason", "no clean state to save, and why")
 LOOP_NOT_TRACKED = _event(
     "loop_not_tracked", "worker", "fix",

@@ -24,12 +24,13 @@ The store's key space, per rendezvous round and restart attempt (see
       inproc/finished/G/RANK        RANK is done with recovery G (names the laggards)
       inproc/step/G                 the step recovery G resumed at (written by its source)
       inproc/progressed/G           counter: ranks that completed that step after recovery G
-      inproc/kill/RANK              a survivor asks the agent to kill a hung rank, JSON {generation}
+      inproc/kill/RANK              a survivor asks the agent to kill a hung rank, JSON {generation, by}
       gen_G/...                     the default group formed by recovery G
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -135,6 +136,31 @@ INPROC_PROGRESSED_COUNTER = "inproc/progressed/{generation}"
 INPROC_KILL_KEY = "inproc/kill/{rank}"
 
 
+def kill_request(generation: int, by: int) -> str:
+    """The value of INPROC_KILL_KEY: rank ``by`` asks during ``generation``."""
+    return json.dumps({"generation": generation, "by": by})
+
+
+def parse_kill_request(value: bytes, rank: int, world_size: int) -> int:
+    """The generation of a kill request for ``rank``; raises ValueError,
+    saying why, for anything but a request made by another rank of this
+    job in the format of :func:`kill_request`. Whoever reaches the store
+    can write it, and the agent SIGKILLs a worker on it."""
+    try:
+        request = json.loads(value.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"not JSON: {value[:80]!r}") from None
+    if not isinstance(request, dict) or set(request) != {"generation", "by"}:
+        raise ValueError(f"not {{generation, by}}: {value[:80]!r}")
+    generation, by = request["generation"], request["by"]
+    for name, number in (("generation", generation), ("by", by)):
+        if type(number) is not int or number < 0:
+            raise ValueError(f"{name} is not a count: {number!r}")
+    if by >= world_size or by == rank:
+        raise ValueError(f"asked by rank {by}, not another rank of this job of {world_size}")
+    return int(generation)
+
+
 # -- the control directory -------------------------------------------------------------
 class ControlDir:
     """The launcher's private directory on one node: created by ``jitckpt
@@ -149,6 +175,9 @@ class ControlDir:
       checkpoint; the agent's kill grace stretches meanwhile.
     * ``fatal-WHO``: a worker's error that no restart can fix; the agent
       stops restarting and prints it.
+    * ``persisters/PID``: a persister a worker started (staging), and the
+      run's staging directory: the launcher waits for it at the end of the
+      job and then removes the staged copies that are persisted.
     * ``finished/LOCAL_RANK``: that worker completed its training loop; if
       it fails after that (in the script's own code after the loop, or at
       exit), the agent neither restarts nor recovers it: there is no
@@ -159,6 +188,7 @@ class ControlDir:
     PIDS_DIR = "pids"
     SAVING_DIR = "saving"
     FINISHED_DIR = "finished"
+    PERSISTERS_DIR = "persisters"
     FATAL_PREFIX = "fatal-"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -196,6 +226,10 @@ class ControlDir:
         (self.path / self.FINISHED_DIR).mkdir(exist_ok=True)
         (self.path / self.FINISHED_DIR / str(local_rank)).touch()
 
+    def record_persister(self, pid: int, record: str) -> None:
+        (self.path / self.PERSISTERS_DIR).mkdir(exist_ok=True)
+        (self.path / self.PERSISTERS_DIR / str(pid)).write_text(record)
+
     def report_fatal(self, who: str | int, message: str) -> None:
         (self.path / f"{self.FATAL_PREFIX}{who}").write_text(message)
 
@@ -211,6 +245,17 @@ class ControlDir:
                 found.append(int(entry.read_text()))
             except (OSError, ValueError):
                 continue  # gone meanwhile (a spare that was just assigned)
+        return found
+
+    def persisters(self) -> dict[int, str]:
+        """The persisters workers started, each with what its worker recorded
+        of its run's staging (jitckpt.storage.staging.Staging.record)."""
+        found = {}
+        for entry in sorted((self.path / self.PERSISTERS_DIR).glob("[!.]*")):
+            try:
+                found[int(entry.name)] = entry.read_text()
+            except (OSError, ValueError):
+                continue
         return found
 
     def is_saving(self, local_rank: str | int) -> bool:

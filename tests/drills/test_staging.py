@@ -5,6 +5,7 @@ bitwise equal to a failure-free run."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -70,8 +71,11 @@ def test_restart_restores_from_the_staged_copy(
     assert [e["event"] for e in persisted] == ["persisted"] * len(saves), persisted
     durable = sorted(p.name for p in (run_dir / "checkpoints").glob("step-000000004-jit-*"))
     assert durable == sorted(Path(e["path"]).name for e in saves)
-    # Normal exit removes the run's staged copies.
-    assert not any(stage_dir.iterdir()), list(stage_dir.rglob("*"))
+    # Normal exit removes the run's staged copies; only the user's private
+    # directory (mode 0700) stays.
+    (private,) = stage_dir.iterdir()
+    assert private.name == f"jitckpt-{os.geteuid()}" and private.stat().st_mode & 0o777 == 0o700
+    assert not any(private.iterdir()), list(stage_dir.rglob("*"))
 
 
 def test_without_the_staged_copy_the_durable_one_is_used(
@@ -82,7 +86,10 @@ def test_without_the_staged_copy_the_durable_one_is_used(
     assert first.returncode == EXIT_SAVED_AND_STOPPED, show(first)
     saves = [e for e in read_events(run_dir) if e["event"] == "save" and e["kind"] == "jit"]
     assert len(saves) == 2 and all(e["staged"] for e in saves), saves
-    assert [e["event"] for e in wait_for_persisted(run_dir, 2)] == ["persisted"] * 2
+    # The launcher waited for the persisters before it exited, then freed
+    # the shared memory of the copies they persisted.
+    assert [e["event"] for e in wait_for_persisted(run_dir, 0)] == ["persisted"] * 2
+    assert not list(stage_dir.rglob("step-*")) and not list(stage_dir.rglob(".tmp-*"))
     # The node's shared memory is gone (a reboot, another node): only the
     # durable copies remain.
     for child in stage_dir.iterdir():

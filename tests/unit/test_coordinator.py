@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from fakes import FakeStore
 
 from jitckpt import protocol
@@ -57,11 +58,42 @@ def test_a_recovery_past_its_deadline_names_the_ranks_that_never_finished() -> N
 def test_only_kill_requests_of_the_current_generation_count() -> None:
     c = coordinator()
     c.begin({2: 2})  # generation 1
-    stale = json.dumps({"generation": 0})
+    stale = protocol.kill_request(0, by=0)
     c.store.set(protocol.INPROC_KILL_KEY.format(rank=1), stale)
-    c.store.set(protocol.INPROC_KILL_KEY.format(rank=3), json.dumps({"generation": 1}))
+    c.store.set(protocol.INPROC_KILL_KEY.format(rank=3), protocol.kill_request(1, by=0))
     assert c.kill_requests([0, 1, 2, 3]) == [3]
     assert c.kill_requests([0, 1, 2, 3]) == [], "a request is consumed"
+
+
+def test_a_malformed_kill_request_is_ignored_with_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whoever reaches the store can write the key: only a request of
+    another rank of this job, in the current generation, kills."""
+    c = coordinator()
+    c.begin({2: 2})  # generation 1
+    forged = {
+        0: b"\x80not utf-8",
+        1: b"1",
+        2: json.dumps({"generation": 1}).encode(),  # no requester
+        3: json.dumps({"generation": True, "by": 0}).encode(),
+    }
+    for rank, value in forged.items():
+        c.store.set(protocol.INPROC_KILL_KEY.format(rank=rank), value)
+    assert c.kill_requests([0, 1, 2, 3]) == []
+    for value in (
+        {"generation": 1, "by": 3},  # by itself
+        {"generation": 1, "by": 4},  # not a rank of this job
+        {"generation": 1, "by": 0, "pid": 1},  # more than a request
+        {"generation": "1", "by": 0},
+    ):
+        c.store.set(protocol.INPROC_KILL_KEY.format(rank=3), json.dumps(value))
+        assert c.kill_requests([3]) == []
+    warnings = capsys.readouterr().err.splitlines()
+    print("\n".join(warnings))
+    assert len(warnings) == 8 and all("ignoring a malformed request to kill" in w for w in warnings)
+    c.store.set(protocol.INPROC_KILL_KEY.format(rank=3), protocol.kill_request(1, by=2))
+    assert c.kill_requests([3]) == [3], "a well-formed request still counts"
 
 
 def test_the_same_rank_failing_again_before_its_step_completes_is_counted() -> None:

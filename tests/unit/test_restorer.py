@@ -77,6 +77,9 @@ def test_a_checkpoint_of_another_run_is_refused_with_both_ids() -> None:
     assert foreign_run(own.replace(run_id=None), "aaa") is None  # older checkpoints had none
     reason = foreign_run(own.replace(run_id="bbb"), "aaa")
     assert reason is not None and "bbb" in reason and "aaa" in reason
+    # A staged copy always carries its run's id: one without is not this run's.
+    strict = foreign_run(own.replace(run_id=None), "aaa", strict=True)
+    assert strict is not None and "no run id" in strict
 
 
 # -- a rank's parts, without a process group ---------------------------------------------

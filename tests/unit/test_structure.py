@@ -137,6 +137,7 @@ ALLOWED = {
         # In a worker only, when the script calls init_process_group
         # (launch.adopt): the group is jitckpt's.
         "jitckpt.distributed",
+        "jitckpt.storage.staging",
     ),
     "jitckpt.inprocess": (
         *VOCABULARY,

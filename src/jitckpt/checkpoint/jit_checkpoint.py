@@ -182,7 +182,7 @@ class JitCheckpoint:
         identity = run_id(directory)
         storage = run_storage(directory)
         stage_root = resolve_stage_dir(stage_dir)
-        staging = Staging(stage_root, identity, storage, directory) if stage_root else None
+        staging = Staging.open(stage_root, identity, storage, directory) if stage_root else None
         if self._joining is not None:
             rank = int(self._joining["rank"])
             world_size = int(os.environ[protocol.WORLD_SIZE_ENV])

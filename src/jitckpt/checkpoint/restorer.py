@@ -63,10 +63,14 @@ def rank_candidates(sources: list[Storage]) -> list[Ranked]:
     return sorted(ranked, key=lambda r: (r.candidate.sort_key(), r.preference))
 
 
-def foreign_run(manifest: Manifest, run_id: str) -> str | None:
-    """Why a checkpoint written by another run must not be loaded, or None."""
-    if manifest.run_id in (None, run_id):
+def foreign_run(manifest: Manifest, run_id: str, strict: bool = False) -> str | None:
+    """Why a checkpoint written by another run must not be loaded, or None.
+    Durable checkpoints of older versions carry no run id and pass; a staged
+    copy (``strict``) always carries one, so one without is refused."""
+    if manifest.run_id == run_id or (manifest.run_id is None and not strict):
         return None
+    if manifest.run_id is None:
+        return "carries no run id (a staged copy always does): not written by this run"
     return (
         f"written by another run (run id {manifest.run_id}; this run directory's is "
         f"{run_id}): copied in from elsewhere? Not loaded. To continue that "
@@ -233,7 +237,7 @@ class Restorer:
             problem, payload = candidate.problem, None
             manifest = candidate.manifest
             if problem is None and manifest is not None:
-                problem = foreign_run(manifest, ctx.run_id)
+                problem = foreign_run(manifest, ctx.run_id, strict=source is not ctx.storage)
             if problem is None and manifest is not None:
                 try:
                     data = source.read_verified(candidate)

@@ -88,35 +88,45 @@ class JitSaver:
         write failed (reported)."""
         ctx = self.ctx
         manifest = self.manifest(step, "jit", reason=reason, exact_buffers=exact_buffers)
-        target = ctx.staging.storage if ctx.staging is not None else ctx.storage
+        staging = ctx.staging
         try:
-            path = target.write(
-                manifest,
-                payload,
-                on_point=lambda point: (
-                    ctx.injector.at("save", step) if point == "payload_written" else None
-                ),
-            )
+            try:
+                path = (staging.storage if staging else ctx.storage).write(
+                    manifest, payload, on_point=self._save_point(step)
+                )
+            except CheckpointWriteError as exc:
+                if staging is None or not exc.full:
+                    raise
+                # Shared memory is full: the run directory still takes it.
+                ctx.events.warn(ev.STAGING_FULL, step=step, error=str(exc))
+                staging = None
+                path = ctx.storage.write(manifest, payload, on_point=self._save_point(step))
         except CheckpointWriteError as exc:
             ctx.events.warn(ev.SAVE_FAILED, step=step, error=str(exc))
             return None
-        persister = (
-            ctx.staging.persist_in_background(path, ctx.rank, ctx.attempt)
-            if ctx.staging is not None
-            else None
-        )
+        persister = None
+        if staging is not None:
+            persister = staging.persist_in_background(path, ctx.rank, ctx.attempt)
+            control = protocol.ControlDir.from_env()
+            if control is not None:
+                control.record_persister(persister, staging.record())
         ctx.events.emit(
             ev.SAVE,
             kind="jit",
             step=step,
             path=str(path),
             bytes=payload.size,
-            staged=ctx.staging is not None,
+            staged=staging is not None,
             persister_pid=persister,
             duration=time.monotonic() - started,
             digest=digest(),
         )
         return path
+
+    def _save_point(self, step: int) -> Callable[[str], None]:
+        """The write points of a JIT save: the injector's ``save`` phase."""
+        injector = self.ctx.injector
+        return lambda point: injector.at("save", step) if point == "payload_written" else None
 
     def write_shards(
         self,

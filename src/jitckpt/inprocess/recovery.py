@@ -269,7 +269,7 @@ class InProcessRecovery:
         for rank in ranks:
             store.set(
                 protocol.INPROC_KILL_KEY.format(rank=rank),
-                json.dumps({"generation": self.generation}),
+                protocol.kill_request(self.generation, self.rank),
             )
 
     def all_reduce(self, tensor: torch.Tensor, op: Any) -> bool:

@@ -11,7 +11,9 @@ codes); never imports the worker runtime (checkpoint, state, inprocess).
 One exception, in a worker only: adopt hands a script's plain
 ``torch.distributed.init_process_group`` to jitckpt.distributed when the
 script calls it.
-At the end of a run it prints jitckpt.analysis.summary (torch-free).
+At the end of a run it waits for the persisters of staged checkpoints and
+frees what they persisted (jitckpt.storage.staging.settle, torch-free) and
+prints jitckpt.analysis.summary (torch-free).
 bootstrap and the warm-pool client run before torch is imported in a
 worker and import only the standard library.
 """

@@ -15,6 +15,7 @@ one, and the restart path takes over too.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,7 +148,12 @@ class Coordinator:
         key = protocol.INPROC_STEP_KEY.format(generation=generation)
         if not self.store.check([key]):
             return None
-        return int(self.store.get(key).decode())
+        value = self.store.get(key)
+        try:
+            return int(value.decode())
+        except (UnicodeDecodeError, ValueError):
+            print(f"jitckpt: ignoring a malformed {key}: {value[:80]!r}", file=sys.stderr)
+            return None
 
     def begin(self, replaced: dict[int, int]) -> int:
         """Publish the notice of a new recovery of the ``replaced`` workers
@@ -224,8 +230,17 @@ class Coordinator:
             key = protocol.INPROC_KILL_KEY.format(rank=rank)
             if not self.store.check([key]):
                 continue
-            request = json.loads(self.store.get(key).decode())
+            value = self.store.get(key)
             self.store.delete_key(key)
-            if int(request["generation"]) == generation:
+            try:
+                asked_in = protocol.parse_kill_request(value, rank, self.world_size)
+            except ValueError as exc:
+                print(
+                    f"jitckpt: ignoring a malformed request to kill rank {rank}: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
+            if asked_in == generation:
                 wanted.append(rank)
         return wanted

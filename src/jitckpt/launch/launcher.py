@@ -21,6 +21,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import uuid
@@ -35,6 +36,7 @@ from jitckpt.inject import parse_spec, parse_specs
 from jitckpt.launch.coordinator import RECOVERY_DEADLINE_S
 from jitckpt.launch.warmpool import WarmPool, start_pool
 from jitckpt.launch.wire import startup_env
+from jitckpt.storage.staging import settle
 
 # Restarts allowed by default: torchrun's default is 0, which turns the first
 # failure into the end of the job. Each failure costs one restart.
@@ -133,9 +135,16 @@ def run(argv: list[str]) -> int:
         if args.recovery_timeout <= 0:
             parser.error("--recovery-timeout must be positive")
         if args.standalone:
+            # One node: every store listens on loopback (compat.loopback_rendezvous)
+            # and the workers find it there (docs/platform.md, "Where the
+            # rendezvous stores listen").
             args.rdzv_backend = "c10d"
-            args.rdzv_endpoint = "localhost:0"
+            args.rdzv_endpoint = "127.0.0.1:0"
             args.rdzv_id = str(uuid.uuid4())
+            args.local_addr = "127.0.0.1"
+            if "lo" in {name for _index, name in socket.if_nameindex()}:
+                # gloo's sockets too, unless the user chose an interface.
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
         from torch.distributed.run import config_from_args
 
@@ -192,6 +201,7 @@ def run(argv: list[str]) -> int:
             args.spares,
             args.recovery_timeout,
             exit_wait_s,
+            loopback=args.standalone,
         )
     finally:
         if pool is not None:
@@ -233,6 +243,7 @@ def _launch(  # type: ignore[no-untyped-def]
     spares: int = 0,
     recovery_timeout_s: float = RECOVERY_DEADLINE_S,
     exit_wait_s: float = INPROCESS_MONITOR_INTERVAL_S,
+    loopback: bool = False,
 ) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -260,7 +271,11 @@ def _launch(  # type: ignore[no-untyped-def]
         local_world_size=config.nproc_per_node,
         entrypoint=cmd,
         args=tuple(entry_args),
-        rdzv_handler=rdzv_registry.get_rendezvous_handler(rdzv_parameters),
+        rdzv_handler=(
+            compat.loopback_rendezvous(rdzv_parameters)
+            if loopback
+            else rdzv_registry.get_rendezvous_handler(rdzv_parameters)
+        ),
         max_restarts=config.max_restarts,
         monitor_interval=config.monitor_interval,
         master_addr=master_addr,
@@ -306,6 +321,9 @@ def _launch(  # type: ignore[no-untyped-def]
     finally:
         if shutdown_rdzv:
             spec.rdzv_handler.shutdown()
+    # Staged copies the workers left (also after a preemption): wait for
+    # their persisters, then free the shared memory of those persisted.
+    settle(protocol.ControlDir(control_dir).persisters())
     events = agent.events()
     if events is not None:
         events.emit(ev.JOB_END, outcome=outcome, status=status)

@@ -117,6 +117,7 @@ class Storage(Protocol):
         """Remove all but the ``keep`` newest steps of one kind."""
         ...
 
-    def remove_stale_temporaries(self) -> None:
-        """Remove what interrupted writes left (at startup only)."""
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove what interrupted writes left, never what a live writer
+        is writing (at startup only)."""
         ...

@@ -11,8 +11,13 @@ every file with its size and checksum in the manifest. It is written under a tem
 directory fsynced, then renamed into place, and the parent directory
 fsynced: a checkpoint exists only once it is complete, and a writer killed
 mid-save leaves at most a ``.tmp-*`` directory that readers ignore and the
-next job start removes. A failed write (a full disk) removes its temporary
-directory and leaves every older checkpoint as it was.
+next job start removes, unless its writer is alive: a writer holds a lock
+on ``.tmp-<name>-<pid>.lock`` (fcntl, so it holds across nodes on a shared
+filesystem that supports locks) while its temporary directory exists, and
+the cleanup skips a locked one. A failed write (a full disk) removes its
+temporary directory and leaves every older checkpoint as it was. Files are
+created through the temporary directory's file descriptor, never following
+a symlink and never over an existing file.
 
 It serves the durable run directory and host shared memory for staging
 alike. An object store would implement the same interface, with a manifest
@@ -22,6 +27,7 @@ object written last playing the part of the rename.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import queue
@@ -60,8 +66,17 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# Flags of every file a write creates: through the directory's descriptor,
+# never an existing file, never through a symlink.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _write_file(
-    path: Path, payload: Payload, on_point: WritePointHook | None = None
+    directory: int,
+    path: Path,
+    payload: Payload,
+    on_point: WritePointHook | None = None,
+    mode: int = 0o666,
 ) -> tuple[int, str]:
     """Write, fsync, and return (size, crc32 hex). ``on_point("payload_half")``
     fires with exactly half the bytes on disk (mid-file for a crash test).
@@ -72,7 +87,8 @@ def _write_file(
     written = 0
     checksum = _Crc32Thread()
     try:
-        with open(path, "wb") as handle:
+        fd = os.open(path.name, _CREATE, mode, dir_fd=directory)
+        with open(fd, "wb") as handle:
             for chunk in payload.chunks():
                 view = memoryview(chunk).cast("B")
                 for start in range(0, len(view), _PIECE):
@@ -126,9 +142,13 @@ class _Crc32Thread:
 class DirectoryStorage:
     """Checkpoints as directories under ``root`` on a filesystem."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], private: bool = False) -> None:
         self.root = Path(root)
         self.location = str(self.root)
+        # Staging in shared memory is private (0600 files, 0700 directories);
+        # the run directory follows the umask.
+        self.file_mode = 0o600 if private else 0o666
+        self.dir_mode = 0o700 if private else 0o777
 
     def write(
         self,
@@ -145,18 +165,25 @@ class DirectoryStorage:
         name = manifest.name
         final = self.root / name
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        locked = False  # the temporary directory is this writer's to remove
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            point("tmp_created")
-            size, crc = _write_file(tmp / PAYLOAD, body, on_point)
-            point("payload_written")
-            self._publish(tmp, final, manifest, {PAYLOAD: FileEntry(size, crc)}, point)
+            self.root.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
+            with _WriterLock(tmp, self.file_mode):
+                locked = True
+                _remove(tmp)  # a leftover of this pid's earlier life
+                with self._new_dir(tmp) as directory:
+                    point("tmp_created")
+                    size, crc = _write_file(
+                        directory, tmp / PAYLOAD, body, on_point, self.file_mode
+                    )
+                    point("payload_written")
+                    self._publish(
+                        directory, tmp, final, manifest, {PAYLOAD: FileEntry(size, crc)}, point
+                    )
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
+            if locked:
+                _remove(tmp)
+            raise CheckpointWriteError(self._explain(exc, name, body.size), exc.errno) from None
         point("renamed")
         _fsync_path(self.root)
         return final
@@ -168,10 +195,10 @@ class DirectoryStorage:
         (a leftover of an interrupted save of the same name is removed)."""
         tmp = self.root / f".tmp-{manifest.name}-shared"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir(exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True, mode=self.dir_mode)
+            tmp.mkdir(exist_ok=True, mode=self.dir_mode)
         except OSError as exc:
-            raise CheckpointWriteError(self._explain(exc, tmp.name, 0)) from None
+            raise CheckpointWriteError(self._explain(exc, tmp.name, 0), exc.errno) from None
         return tmp
 
     def commit(self, tmp: Path, manifest: Manifest, payload: Payload | bytes) -> Path:
@@ -183,22 +210,24 @@ class DirectoryStorage:
         name = manifest.name
         final = self.root / name
         try:
-            files: dict[str, FileEntry] = {}
-            size, crc = _write_file(tmp / PAYLOAD, body)
-            files[PAYLOAD] = FileEntry(size, crc)
-            for path in sorted(tmp.iterdir()):
-                if path.name in (PAYLOAD, MANIFEST) or not path.is_file():
-                    continue
-                files[path.name] = FileEntry(path.stat().st_size, _file_crc32(path))
-            self._publish(tmp, final, manifest, files, lambda _name: None)
+            with _Dir(tmp) as directory:
+                files: dict[str, FileEntry] = {}
+                size, crc = _write_file(directory, tmp / PAYLOAD, body, None, self.file_mode)
+                files[PAYLOAD] = FileEntry(size, crc)
+                for path in sorted(tmp.iterdir()):
+                    if path.name in (PAYLOAD, MANIFEST) or not path.is_file():
+                        continue
+                    files[path.name] = FileEntry(path.stat().st_size, _file_crc32(path))
+                self._publish(directory, tmp, final, manifest, files, lambda _name: None)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
+            raise CheckpointWriteError(self._explain(exc, name, body.size), exc.errno) from None
         _fsync_path(self.root)
         return final
 
-    @staticmethod
     def _publish(
+        self,
+        directory: int,
         tmp: Path,
         final: Path,
         manifest: Manifest,
@@ -207,12 +236,20 @@ class DirectoryStorage:
     ) -> None:
         """The end of every write: the manifest (file table added) last, the
         directory fsynced, then renamed into place. Raises OSError."""
-        _write_file(tmp / MANIFEST, _Bytes(manifest.replace(files=files).to_bytes()))
+        body = _Bytes(manifest.replace(files=files).to_bytes())
+        _write_file(directory, tmp / MANIFEST, body, None, self.file_mode)
         point("manifest_written")
-        _fsync_path(tmp)
-        if final.exists():  # the same step rewritten (a manual save twice)
-            shutil.rmtree(final)
+        os.fsync(directory)
+        if not os.path.samestat(os.lstat(tmp), os.fstat(directory)):
+            raise OSError(errno.EEXIST, f"{tmp} was replaced while it was written")
+        if os.path.lexists(final):  # the same step rewritten (a manual save twice)
+            _remove(final)
         os.rename(tmp, final)
+
+    def _new_dir(self, path: Path) -> _Dir:
+        """Create ``path`` and open it (never through a symlink)."""
+        os.mkdir(path, self.dir_mode)
+        return _Dir(path)
 
     def verify_files(self, candidate: Candidate) -> None:
         """Check size and checksum of every file the manifest lists (a
@@ -259,7 +296,7 @@ class DirectoryStorage:
         if not self.root.is_dir():
             return found
         for path in self.root.iterdir():
-            if path.name.startswith(".") or not path.is_dir():
+            if path.name.startswith(".") or path.is_symlink() or not path.is_dir():
                 continue
             found.append(_candidate(path))
         found.sort(key=Candidate.sort_key)
@@ -267,7 +304,7 @@ class DirectoryStorage:
 
     def find(self, name: str) -> Candidate | None:
         path = self.root / Path(name).name
-        return _candidate(path) if path.is_dir() else None
+        return _candidate(path) if path.is_dir() and not path.is_symlink() else None
 
     def read_verified(self, candidate: Candidate) -> bytearray:
         """The payload's bytes, after checking size and checksum."""
@@ -324,12 +361,26 @@ class DirectoryStorage:
             except CheckpointError as exc:
                 yield candidate, None, str(exc)
 
-    def remove_stale_temporaries(self) -> None:
-        """Remove ``.tmp-*`` leftovers of saves that were killed midway. Only
-        called at startup, when no save of this run can be in flight."""
-        if self.root.is_dir():
-            for path in self.root.glob(".tmp-*"):
-                shutil.rmtree(path, ignore_errors=True)
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove ``.tmp-*`` leftovers of saves that were killed midway;
+        returns what was removed. Called at startup, when a save of this
+        node's last attempt is over, but a persister (of this node or
+        another) may still be writing: a temporary directory whose writer
+        holds its lock is left alone, and so is one whose lock cannot be
+        checked (a filesystem without locks)."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for path in sorted(self.root.glob(".tmp-*")):
+            lock = path if path.name.endswith(_LOCK) else path.with_name(path.name + _LOCK)
+            if not _WriterLock.abandoned(lock):
+                continue
+            if path != lock:
+                _remove(path)
+                removed.append(path)
+            if not os.path.lexists(lock.with_name(lock.name[: -len(_LOCK)])):
+                lock.unlink(missing_ok=True)
+        return removed
 
     def prune(self, kind: str, keep: int, keep_from_step: int | None = None) -> list[Path]:
         """Remove all but the ``keep`` newest steps of one kind; returns what
@@ -357,6 +408,81 @@ class DirectoryStorage:
                 shutil.rmtree(candidate.path, ignore_errors=True)
                 removed.append(candidate.path)
         return removed
+
+
+_LOCK = ".lock"
+
+
+class _WriterLock:
+    """The lock a writer holds on ``<tmp>.lock`` while its temporary
+    directory ``tmp`` exists: created before the directory, released
+    (and removed) after the rename, so a cleanup that sees the directory
+    and can take the lock knows its writer is gone. An fcntl lock: the
+    kernel drops it when the writer dies, and NFS carries it across nodes."""
+
+    def __init__(self, tmp: Path, mode: int) -> None:
+        self.path = tmp.with_name(tmp.name + _LOCK)
+        self.mode = mode
+        self.fd = -1
+
+    def __enter__(self) -> _WriterLock:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags, self.mode)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(self.fd)
+                raise  # held: another writer of this very name
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+    @staticmethod
+    def abandoned(lock: Path) -> bool:
+        """Whether no live writer holds ``lock`` (a missing lock file is an
+        older jitckpt's leftover, or a writer already done)."""
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # held by a live writer, or not checkable
+        finally:
+            os.close(fd)
+        return True
+
+
+class _Dir:
+    """An open directory (a context manager of its descriptor), never
+    reached through a symlink."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree or whatever else is at ``path`` (a symlink
+    itself, never what it points to); nothing there is fine."""
+    if os.path.islink(path) or os.path.isfile(path):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _file_crc32(path: Path) -> str:
