@@ -33,6 +33,7 @@ from pathlib import Path
 
 from jitckpt.errors import CheckpointError, CheckpointWriteError
 from jitckpt.storage.base import Candidate, Payload, WritePointHook
+from jitckpt.storage.files import open_regular, read_regular, regular_size
 from jitckpt.storage.manifest import MANIFEST, PAYLOAD, FileEntry, Manifest, read_manifest
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -210,9 +211,20 @@ class DirectoryStorage:
         _write_file(tmp / MANIFEST, _Bytes(manifest.replace(files=files).to_bytes()))
         point("manifest_written")
         _fsync_path(tmp)
-        if final.exists():  # the same step rewritten (a manual save twice)
-            shutil.rmtree(final)
+        if not final.exists():
+            os.rename(tmp, final)
+            return
+        # The same step rewritten (a manual save twice): the old copy steps
+        # aside under a name that is still a candidate, the new one takes its
+        # place, then the old one goes. A crash at any point leaves a
+        # complete copy that a reader takes.
+        aside = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(final, aside)
         os.rename(tmp, final)
+        _fsync_path(final.parent)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def verify_files(self, candidate: Candidate) -> None:
         """Check size and checksum of every file the manifest lists (a
@@ -224,9 +236,9 @@ class DirectoryStorage:
             file_path = candidate.path / name
             expected = entry.checksum
             actual = (
-                f"crc32:{_file_crc32(file_path)}"
+                f"crc32:{_file_crc32(file_path, entry.size)}"
                 if entry.crc32 is not None
-                else _checksum(file_path.read_bytes(), expected)
+                else _checksum(read_regular(file_path, entry.size), expected)
             )
             if actual != expected:
                 raise CheckpointError(
@@ -259,7 +271,7 @@ class DirectoryStorage:
         if not self.root.is_dir():
             return found
         for path in self.root.iterdir():
-            if path.name.startswith(".") or not path.is_dir():
+            if path.name.startswith(".") or path.is_symlink() or not path.is_dir():
                 continue
             found.append(_candidate(path))
         found.sort(key=Candidate.sort_key)
@@ -267,7 +279,7 @@ class DirectoryStorage:
 
     def find(self, name: str) -> Candidate | None:
         path = self.root / Path(name).name
-        return _candidate(path) if path.is_dir() else None
+        return _candidate(path) if path.is_dir() and not path.is_symlink() else None
 
     def read_verified(self, candidate: Candidate) -> bytearray:
         """The payload's bytes, after checking size and checksum."""
@@ -277,17 +289,7 @@ class DirectoryStorage:
         file_path = candidate.path / PAYLOAD
         if entry is None:
             raise CheckpointError(f"{candidate.path / MANIFEST}: lists no {PAYLOAD}")
-        try:
-            with open(file_path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                data = bytearray(size)
-                got = handle.readinto(data)
-        except FileNotFoundError:
-            raise CheckpointError(f"{file_path}: file missing") from None
-        if got != entry.size or size != entry.size:
-            raise CheckpointError(
-                f"{file_path}: truncated or padded: {got} bytes, manifest says {entry.size}"
-            )
+        data = read_regular(file_path, entry.size)
         expected = entry.checksum
         actual = _checksum(data, expected)
         if actual != expected:
@@ -303,10 +305,7 @@ class DirectoryStorage:
             raise CheckpointError(candidate.problem or f"{candidate.path}: no manifest")
         for name, entry in candidate.manifest.files.items():
             file_path = candidate.path / name
-            try:
-                size = file_path.stat().st_size
-            except FileNotFoundError:
-                raise CheckpointError(f"{file_path}: file missing") from None
+            size = regular_size(file_path)
             if size != entry.size:
                 raise CheckpointError(
                     f"{file_path}: truncated or padded: {size} bytes, manifest says {entry.size}"
@@ -334,34 +333,44 @@ class DirectoryStorage:
     def prune(self, kind: str, keep: int, keep_from_step: int | None = None) -> list[Path]:
         """Remove all but the ``keep`` newest steps of one kind; returns what
         was removed. Several ranks' copies of one step count as one step, and
-        only checkpoints whose files are all there count. Nothing at or after
-        ``keep_from_step`` (the step just restored) is removed."""
-        usable = []
-        for candidate in self.candidates():
-            if candidate.manifest is None or candidate.manifest.kind != kind:
+        only checkpoints that verify (every file's size and checksum) count:
+        corrupt newer copies never cause a valid older one to go. Nothing at
+        or after ``keep_from_step`` (the step just restored) is removed. Only
+        the copies needed to find the ``keep`` newest valid steps are read."""
+        if keep <= 0:
+            return []
+        of_kind = [
+            c for c in self.candidates() if c.manifest is not None and c.manifest.kind == kind
+        ]
+        kept: set[int] = set()
+        for candidate in of_kind:  # newest first
+            if len(kept) == keep:
+                break
+            if candidate.step in kept:
                 continue
             try:
-                self.check_sizes(candidate)
+                self.verify_files(candidate)
             except CheckpointError:
                 continue
-            usable.append(candidate)
-        steps = sorted({c.step for c in usable}, reverse=True)
-        if len(steps) <= keep or keep <= 0:
+            kept.add(candidate.step)
+        if len(kept) < keep:
             return []
-        cutoff = steps[keep - 1]
+        cutoff = min(kept)
         if keep_from_step is not None:
             cutoff = min(cutoff, keep_from_step)
         removed = []
-        for candidate in usable:
+        for candidate in of_kind:
             if candidate.step < cutoff:
                 shutil.rmtree(candidate.path, ignore_errors=True)
                 removed.append(candidate.path)
         return removed
 
 
-def _file_crc32(path: Path) -> str:
+def _file_crc32(path: Path, size: int | None = None) -> str:
+    """The CRC32 of a regular file (of ``size`` bytes when given; a link,
+    a FIFO or a device is refused by open_regular before any read)."""
     crc = 0
-    with open(path, "rb") as handle:
+    with os.fdopen(open_regular(path, size), "rb") as handle:
         while chunk := handle.read(_READ_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
