@@ -11,6 +11,7 @@ when the saver runs, while the step tracker holds the loop still.
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -213,19 +214,40 @@ def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
     """Decode a payload without running any code from it: a jitckpt archive
     is JSON plus raw tensor bytes; a torch.save payload (written by other
     tools or copied in) goes through weights_only loading, which refuses
-    every object other than tensors and plain containers."""
-    try:
-        if archive.is_archive(data):
+    every object other than tensors and plain containers. Every failure is
+    a CheckpointError that says which of the two refused it and why."""
+    if archive.is_archive(data):
+        try:
             payload = archive.load(data, where)
-        else:
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a hole in the archive's checks
+            raise CheckpointError(
+                f"{where}: the jitckpt archive could not be decoded "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
+    else:
+        try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{where}: refused by the safe loader (weights_only): {first_line}"
-        ) from None
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
+            # torch raises UnpicklingError for a refused global and for garbage
+            # alike; the detail after "WeightsUnpickler error:" tells which.
+            text = str(exc)
+            detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            first = detail[0] if detail and detail[0] else _first_line(exc)
+            if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+                raise CheckpointError(
+                    f"{where}: refused by the safe loader (weights_only): {first}"
+                ) from None
+            raise CheckpointError(
+                f"{where}: neither a jitckpt archive nor a readable torch.save file "
+                f"({type(exc).__name__}: {first})"
+            ) from None
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
         raise CheckpointError(f"{where}: not a jitckpt training state")
     return payload
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
