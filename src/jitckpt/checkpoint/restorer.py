@@ -30,6 +30,9 @@ from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.layout import Layout, check
 from jitckpt.errors import CheckpointError, CheckpointMismatchError, JitckptError
 from jitckpt.state import rng
+from jitckpt.state.consistency import check_optimizer, check_payload
+from jitckpt.state.dcp_read import read_metadata
+from jitckpt.state.mesh import SHARDED_TYPES
 from jitckpt.state.training import check_signature, decode
 from jitckpt.storage.base import Candidate, Storage
 from jitckpt.storage.manifest import PAYLOAD, Manifest
@@ -74,6 +77,23 @@ def foreign_run(manifest: Manifest, run_id: str) -> str | None:
     )
 
 
+def decode_checked(data: bytearray, candidate: Candidate) -> dict[str, Any]:
+    """The payload decoded and checked against its own manifest (a
+    disagreement is corruption: CheckpointError, the candidate refused);
+    for a sharded checkpoint, its DCP metadata read with the restricted
+    unpickler too. Nothing of it runs code. ``jitckpt inspect --verify``
+    uses it as well."""
+    manifest = candidate.manifest
+    assert manifest is not None
+    where = str(candidate.path / PAYLOAD)
+    payload = decode(data, where)
+    sharded = manifest.layout.get("type") in SHARDED_TYPES
+    check_payload(payload, manifest.step, manifest.model_signature, sharded, where)
+    if sharded:
+        read_metadata(candidate.path)
+    return payload
+
+
 class Restorer:
     """Chooses and loads the checkpoint a (re)started rank resumes from.
 
@@ -111,7 +131,8 @@ class Restorer:
             self._check_fits(manifest, path)
         ctx.injector.at("restore", manifest.step)
         if payload is None:
-            payload = decode(ctx.storage.read_verified(chosen), str(path / PAYLOAD))
+            payload = self._decode(ctx.storage.read_verified(chosen), chosen)
+            check_optimizer(payload, ctx.state.optimizer, str(path / PAYLOAD))
         try:
             self.layout.load(payload, path)
         except CheckpointError:
@@ -163,6 +184,9 @@ class Restorer:
     def _check_fits(self, manifest: Manifest, path: Path) -> None:
         check(self.layout, manifest.layout, str(path))
         check_signature(manifest.model_signature, self.ctx.state.model, str(path))
+
+    def _decode(self, data: bytearray, candidate: Candidate) -> dict[str, Any]:
+        return decode_checked(data, candidate)
 
     def _source_name(self, candidate: Candidate) -> str:
         staging = self.ctx.staging
@@ -236,21 +260,28 @@ class Restorer:
                 problem = foreign_run(manifest, ctx.run_id)
             if problem is None and manifest is not None:
                 try:
-                    data = source.read_verified(candidate)
-                    payload = decode(data, str(candidate.path / PAYLOAD))
+                    payload = self._decode(source.read_verified(candidate), candidate)
                     if len(manifest.files) > 1:
                         # Sharded: DCP reads the tensor files without checking them.
                         source.verify_files(candidate)
                 except CheckpointError as exc:
                     problem = str(exc)
             if problem is not None or manifest is None or payload is None:
-                ctx.events.emit(ev.CHECKPOINT_REFUSED, path=str(candidate.path), reason=problem)
-                print(
-                    f"jitckpt: refusing checkpoint {candidate.path}: {problem}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                self._refused(candidate, problem)
                 continue
             self._check_fits(manifest, candidate.path)
+            try:
+                check_optimizer(payload, ctx.state.optimizer, str(candidate.path / PAYLOAD))
+            except CheckpointError as exc:
+                self._refused(candidate, str(exc))
+                continue
             return candidate, payload
         return None, None
+
+    def _refused(self, candidate: Candidate, problem: str | None) -> None:
+        self.ctx.events.emit(ev.CHECKPOINT_REFUSED, path=str(candidate.path), reason=problem)
+        print(
+            f"jitckpt: refusing checkpoint {candidate.path}: {problem}",
+            file=sys.stderr,
+            flush=True,
+        )

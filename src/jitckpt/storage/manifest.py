@@ -286,7 +286,7 @@ def _files(files: Any, where: str) -> dict[str, FileEntry]:
         )
         if not ok:
             raise CheckpointError(
-                f"{where}: manifest entry of file {name!r} is {entry!r}, not a size and a "
+                f"{where}: manifest field 'files': the entry of {name!r} is {entry!r}, not a size and a "
                 f"checksum (garbled)"
             )
         entries[name] = FileEntry(entry["size"], entry.get("crc32"), entry.get("sha256"))
