@@ -28,6 +28,8 @@ PAYLOAD = "state.pt"
 FORMAT = "jitckpt/1"
 # Kinds, by preference when two checkpoints hold the same step.
 KINDS = ("jit", "periodic")
+# Layout types this version writes (jitckpt.state.mesh: DDP, and FSDP2/HSDP).
+LAYOUT_TYPES = ("ddp", "fsdp", "hsdp")
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,8 @@ class _Fields:
         value = self.optional("layout", (dict,), "an object")
         if value is None:
             return {"type": "ddp"}
-        if not isinstance(value.get("type"), str):
-            raise self.bad("layout", "an object with a 'type' string")
+        if value.get("type") not in LAYOUT_TYPES:
+            raise self.bad("layout", "an object whose 'type' is one of " + ", ".join(LAYOUT_TYPES))
         shape = value.get("mesh_shape")
         if shape is not None and not (
             isinstance(shape, list) and all(_is_int(n) and n > 0 for n in shape)
