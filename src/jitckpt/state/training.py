@@ -230,18 +230,16 @@ def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
         try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
-            # torch raises UnpicklingError for a refused global and for garbage
-            # alike; the detail after "WeightsUnpickler error:" tells which.
-            text = str(exc)
-            detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-            first = detail[0] if detail and detail[0] else _first_line(exc)
-            if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+            # A zip (torch.save) or pickle stream that weights_only's unpickler
+            # stopped was refused by it; anything else was never a torch.save file.
+            looks_saved = bytes(data[:4]) == b"PK\x03\x04" or bytes(data[:1]) == b"\x80"
+            if isinstance(exc, pickle.UnpicklingError) and looks_saved:
                 raise CheckpointError(
-                    f"{where}: refused by the safe loader (weights_only): {first}"
+                    f"{where}: refused by the safe loader (weights_only): {_telling_line(exc)}"
                 ) from None
             raise CheckpointError(
                 f"{where}: neither a jitckpt archive nor a readable torch.save file "
-                f"({type(exc).__name__}: {first})"
+                f"({type(exc).__name__}: {_telling_line(exc)})"
             ) from None
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
         raise CheckpointError(f"{where}: not a jitckpt training state")
@@ -251,3 +249,11 @@ def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _telling_line(exc: BaseException) -> str:
+    """The line of torch.load's long message that says what it refused."""
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip()
+    return _first_line(exc)
