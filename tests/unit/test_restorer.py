@@ -305,3 +305,7 @@ def test_inspect_verify_decodes_the_payload(tmp_path: Path, capsys: pytest.Captu
     assert inspect_main([str(ctx.run_dir), "--verify"], decoder=decode_checked) == 0
     out = capsys.readouterr().out
     assert "INVALID" in out and "not JSON" in out
+    from jitckpt.cli import main as cli_main
+
+    assert cli_main(["inspect", str(ctx.run_dir), "--verify"]) == 0  # the CLI passes the decoder
+    assert "not JSON" in capsys.readouterr().out

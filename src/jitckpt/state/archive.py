@@ -41,6 +41,8 @@ _LENGTH = struct.Struct("<Q")
 _ALIGN = 64
 # Largest header accepted on load: a guard against a garbled length field.
 _MAX_HEADER = 1 << 28
+# torch's limit on a tensor's dimensions.
+_MAX_DIMS = 64
 
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
@@ -242,6 +244,8 @@ def _check_header(header: Any, data_start: int, size: int) -> tuple[Any, list[di
         nbytes, offset = spec["nbytes"], spec["offset"]
         if not _is_int(nbytes) or not _is_int(offset):
             raise CheckpointError(f"tensor {i}: offset or nbytes is not an integer (garbled)")
+        if len(shape) > _MAX_DIMS:  # also keeps the product below cheap to compute
+            raise CheckpointError(f"tensor {i}: {len(shape)} dimensions, more than torch allows")
         if nbytes != math.prod(shape) * _ITEMSIZE[dtype]:
             raise CheckpointError(
                 f"tensor {i}: nbytes {nbytes} does not match shape {shape} of {spec['dtype']}"
