@@ -350,6 +350,7 @@ def test_mutated_checkpoints_are_refused_with_a_reason_or_loaded_exactly(
     outcomes: collections.Counter[str] = collections.Counter()
     refused: collections.Counter[str] = collections.Counter()
     labels: collections.Counter[str] = collections.Counter()
+    checksums: collections.Counter[str] = collections.Counter()
     failures: list[str] = []
     real_size = sum(p.stat().st_size for p in run_template.rglob("*") if p.is_file())
     # Model, optimizer, one decoded payload and Python's own: far below what
@@ -366,6 +367,7 @@ def test_mutated_checkpoints_are_refused_with_a_reason_or_loaded_exactly(
             assert newest.name.startswith("step-000000004")
             what = mutate(newest, rnd)
             labels[label] += 1
+            checksums[what[what.rfind("(") :] if what.endswith(")") else "(file replaced)"] += 1
             model, optimizer = tiny_model(1)
             watch.opened.clear()
             tracemalloc.start()
@@ -434,6 +436,7 @@ def test_mutated_checkpoints_are_refused_with_a_reason_or_loaded_exactly(
         signal.signal(signal.SIGALRM, previous)
     lines = [f"fuzz: {CASES} mutations of real checkpoints (seed {SEED})"]
     lines += [f"  {n:4d} {k}" for k, n in sorted(labels.items())]
+    lines += [f"  {n:4d} {k}" for k, n in sorted(checksums.items())]
     lines += [f"  {n:4d} {k}" for k, n in sorted(outcomes.items())]
     lines += ["  refused, by reason:"] + [f"    {n:4d} {k}" for k, n in refused.most_common()]
     summary = "\n".join(lines)

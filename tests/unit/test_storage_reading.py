@@ -146,7 +146,7 @@ def test_fields_of_the_wrong_type_are_refused_naming_the_field(
     edit_manifest(path, lambda d: d.__setitem__(field, value), recompute=True)
     problem = refusal(tmp_path)
     assert str(path / MANIFEST) in problem
-    assert f"'{field}'" in problem or "file" in problem
+    assert f"manifest field '{field}'" in problem
 
 
 def test_saving_a_step_again_keeps_a_complete_copy_at_every_point(tmp_path: Path) -> None:
