@@ -288,7 +288,10 @@ def test_pruning_after_the_first_step_never_removes_the_only_valid_copies(
         data = bytearray((path / storage.PAYLOAD).read_bytes())
         data[-1] ^= 1
         (path / storage.PAYLOAD).write_bytes(bytes(data))
-    Restorer(later, layout_for(later, model, None, None), keep_jit=2).after_first_step(4)
+    restorer = Restorer(later, layout_for(later, model, None, None), keep_jit=2)
+    restorer.after_first_step(4)
+    assert restorer.pruning is not None
+    restorer.pruning.join()
     assert sorted(c.step for c in ctx.storage.candidates()) == [3, 4, 5, 6]
 
 

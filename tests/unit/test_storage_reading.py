@@ -180,3 +180,26 @@ def test_pruning_keeps_the_newest_steps_that_verify(tmp_path: Path) -> None:
     assert sorted(c.step for c in store.candidates()) == [1, 2, 3]
     (tmp_path / manifest(3).name / PAYLOAD).write_bytes(b"payload of 3")
     assert [p.name for p in store.prune("jit", keep=2)] == [manifest(1).name]
+
+
+def test_pruning_reads_only_what_this_process_has_not_written_or_verified(
+    tmp_path: Path,
+) -> None:
+    for step in (1, 2, 3):
+        DirectoryStorage(tmp_path).write(manifest(step), b"payload of %d" % step)
+    store = DirectoryStorage(tmp_path)  # another process: nothing known
+    store.write(manifest(4), b"payload of 4")
+    read: list[str] = []
+    verify = store.verify_files
+
+    def counting(candidate: storage.Candidate) -> None:
+        read.append(candidate.name)
+        verify(candidate)
+
+    store.verify_files = counting  # type: ignore[method-assign]
+    assert [p.name for p in store.prune("jit", keep=2)] == [manifest(2).name, manifest(1).name]
+    assert read == [manifest(3).name]  # step 4 was written here
+    read.clear()
+    store.write(manifest(5), b"payload of 5")
+    assert [p.name for p in store.prune("jit", keep=2)] == [manifest(3).name]
+    assert read == []  # 5 written here, 4 too: nothing read again

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -107,6 +108,7 @@ class Restorer:
         self.ctx = ctx
         self.layout = layout
         self.keep_jit = keep_jit
+        self.pruning: threading.Thread | None = None
 
     def sources(self) -> list[Storage]:
         """Where checkpoints are looked for, preferred first."""
@@ -177,7 +179,18 @@ class Restorer:
         staged copies are no longer needed."""
         ctx = self.ctx
         if ctx.rank == 0:
-            ctx.storage.prune("jit", self.keep_jit, keep_from_step=resumed_at)
+            # On a thread: pruning verifies (reads) the copies it keeps that
+            # this process has not read already, which must not stall the
+            # loop. It removes only steps older than the one restored, which
+            # no save of this run writes.
+            self.pruning = threading.Thread(
+                target=ctx.storage.prune,
+                args=("jit", self.keep_jit),
+                kwargs={"keep_from_step": resumed_at},
+                name="jitckpt-prune",
+                daemon=True,
+            )
+            self.pruning.start()
         if ctx.staging is not None and os.environ.get(protocol.LOCAL_RANK_ENV, "0") == "0":
             ctx.staging.remove_persisted()
 

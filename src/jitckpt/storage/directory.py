@@ -130,6 +130,9 @@ class DirectoryStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.location = str(self.root)
+        # Checkpoints this process wrote or verified whole, by the identity of
+        # their files (inode, size, mtime): pruning does not read them again.
+        self._known_good: set[tuple[object, ...]] = set()
 
     def write(
         self,
@@ -160,6 +163,7 @@ class DirectoryStorage:
             raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
         point("renamed")
         _fsync_path(self.root)
+        self._remember(final)
         return final
 
     def temporary(self, manifest: Manifest) -> Path:
@@ -196,7 +200,27 @@ class DirectoryStorage:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(self._explain(exc, name, body.size)) from None
         _fsync_path(self.root)
+        self._remember(final)
         return final
+
+    def _identity(self, path: Path) -> tuple[object, ...] | None:
+        """What identifies a checkpoint's files on disk, None if unreadable."""
+        try:
+            return tuple(
+                (f.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                for f in sorted(path.iterdir())
+                for st in (f.lstat(),)
+            )
+        except OSError:
+            return None
+
+    def _remember(self, path: Path) -> None:
+        identity = self._identity(path)
+        if identity is not None:
+            self._known_good.add((str(path), identity))
+
+    def _is_known_good(self, path: Path) -> bool:
+        return (str(path), self._identity(path)) in self._known_good
 
     @staticmethod
     def _publish(
@@ -245,6 +269,7 @@ class DirectoryStorage:
                     f"{file_path}: checksum mismatch ({actual}, manifest says {expected}): "
                     f"the file is corrupt"
                 )
+        self._remember(candidate.path)
 
     def _explain(self, exc: OSError, name: str, size: int) -> str:
         where = f"checkpoint {name} in {self.root}"
@@ -336,7 +361,9 @@ class DirectoryStorage:
         only checkpoints that verify (every file's size and checksum) count:
         corrupt newer copies never cause a valid older one to go. Nothing at
         or after ``keep_from_step`` (the step just restored) is removed. Only
-        the copies needed to find the ``keep`` newest valid steps are read."""
+        the copies needed to find the ``keep`` newest valid steps are read,
+        and of those only the ones this process has not written or verified
+        already (files unchanged since)."""
         if keep <= 0:
             return []
         of_kind = [
@@ -349,7 +376,8 @@ class DirectoryStorage:
             if candidate.step in kept:
                 continue
             try:
-                self.verify_files(candidate)
+                if not self._is_known_good(candidate.path):
+                    self.verify_files(candidate)
             except CheckpointError:
                 continue
             kept.add(candidate.step)
