@@ -389,7 +389,15 @@ class DirectoryStorage:
         removed = []
         for candidate in of_kind:
             if candidate.step < cutoff:
-                shutil.rmtree(candidate.path, ignore_errors=True)
+                # Renamed away first: a process that ends mid-removal leaves a
+                # .tmp-* directory (ignored, removed at the next start), not
+                # half a checkpoint.
+                doomed = self.root / f".tmp-pruned-{candidate.name}-{os.getpid()}"
+                try:
+                    os.rename(candidate.path, doomed)
+                except OSError:
+                    continue
+                shutil.rmtree(doomed, ignore_errors=True)
                 removed.append(candidate.path)
         return removed
 
