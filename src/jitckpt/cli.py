@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "inspect":
         from jitckpt.analysis.inspect import main as inspect_main
 
-        return inspect_main(rest)
+        if "--verify" not in rest:
+            return inspect_main(rest)  # without torch
+        from jitckpt.checkpoint.restorer import decode_checked
+
+        return inspect_main(rest, decoder=decode_checked)
     if command == "report":
         from jitckpt.analysis.report import main as report_main
 

@@ -4,16 +4,20 @@ or overwritten."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jobs import TINY, jitckpt_run, run_tagged, show
 
 from jitckpt.protocol import EXIT_FATAL
-from jitckpt.storage import PAYLOAD, checkpoints_dir
+from jitckpt.storage import MANIFEST, PAYLOAD, checkpoints_dir
+from jitckpt.storage.manifest import CHECKSUM, own_checksum
 
 
 def tiny(run_dir: Path, *args: str):  # type: ignore[no-untyped-def]
@@ -152,6 +156,7 @@ def test_checkpoint_that_would_run_code_is_refused(two_checkpoints: Path, tmp_pa
     manifest_path = payload.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"][PAYLOAD] = {"size": len(evil), "sha256": hashlib.sha256(evil).hexdigest()}
+    manifest[CHECKSUM] = own_checksum(manifest)  # the manifest's own checksum, forged too
     manifest_path.write_text(json.dumps(manifest))
     launch = tiny(two_checkpoints, "--steps", "6")
     assert launch.returncode == 0, show(launch)
@@ -210,8 +215,73 @@ def test_garbled_archive_is_refused_and_previous_used(two_checkpoints: Path) -> 
     manifest_path = payload.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"][PAYLOAD] = {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+    manifest[CHECKSUM] = own_checksum(manifest)
     manifest_path.write_text(json.dumps(manifest))
     launch = tiny(two_checkpoints, "--steps", "6")
     assert launch.returncode == 0, show(launch)
-    assert "a tensor lies outside the archive" in launch.output, show(launch)
+    assert "where the writer puts it" in launch.output, show(launch)
     assert launch.resumed_steps() == [2]
+
+
+def forged_copy(run_dir: Path, step: int, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the step-4 checkpoint under the name of ``step``, its
+    manifest edited and its own checksum recomputed (only the typed checks
+    stand in the way)."""
+    source = sorted(checkpoints_dir(run_dir).glob("step-000000004-*"))[0]
+    target = source.with_name(source.name.replace("step-000000004", f"step-{step:09d}"))
+    shutil.copytree(source, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    manifest["step"] = step
+    edit(manifest)
+    manifest[CHECKSUM] = own_checksum(manifest)
+    (target / MANIFEST).write_text(json.dumps(manifest))
+    return target
+
+
+def test_malformed_newer_checkpoints_are_refused_and_the_job_trains_on(
+    two_checkpoints: Path, tmp_path: Path
+) -> None:
+    """One launch over five malformed checkpoints newer than a valid one (a
+    FIFO payload, a 64 GB sparse payload, two manifests with fields of the
+    wrong type, a flipped bit in a model signature): each is refused with its
+    reason, within seconds, and training goes on from step 2. A second
+    launch with no valid checkpoint left trains from scratch."""
+    spare = Path(shutil.copytree(two_checkpoints, tmp_path / "spare"))
+    fifo = forged_copy(two_checkpoints, 8, lambda m: None)
+    (fifo / PAYLOAD).unlink()
+    os.mkfifo(fifo / PAYLOAD)
+    sparse = forged_copy(two_checkpoints, 7, lambda m: None)
+    with open(sparse / PAYLOAD, "r+b") as handle:
+        handle.truncate(64 << 30)
+    world = forged_copy(two_checkpoints, 6, lambda m: m.__setitem__("world_size", [2]))
+    signature = forged_copy(
+        two_checkpoints, 5, lambda m: m["model_signature"].__setitem__("0.weight", "float32")
+    )
+    flipped = sorted(checkpoints_dir(two_checkpoints).glob("step-000000004-*"))[0]
+    manifest = json.loads((flipped / MANIFEST).read_text())
+    manifest["model_signature"]["0.weight"][0][0] ^= 2  # 16 -> 18: one flipped bit
+    (flipped / MANIFEST).write_text(json.dumps(manifest))  # its own checksum left stale
+
+    launch = tiny(two_checkpoints, "--steps", "6")
+    assert launch.returncode == 0, show(launch)
+    assert launch.resumed_steps() == [2], show(launch)
+    for path, reason in [
+        (fifo, "not a regular file (a FIFO)"),
+        (sparse, "68719476736 bytes, manifest says"),
+        (world, "manifest field 'world_size' is [2], not an integer >= 1"),
+        (signature, "manifest field 'model_signature' is {'0.weight': 'float32'}"),
+        (flipped, "manifest checksum mismatch"),
+    ]:
+        assert f"refusing checkpoint {path}: " in launch.output, show(launch)
+        assert reason in launch.output, (reason, show(launch))
+    assert launch.seconds < 60, f"took {launch.seconds:.1f} s"
+
+    stale = sorted(checkpoints_dir(spare).glob("step-*"))
+    for path in stale:
+        (path / PAYLOAD).unlink()
+        os.mkfifo(path / PAYLOAD)
+    fresh = tiny(spare, "--steps", "3")
+    assert fresh.returncode == 0, show(fresh)
+    assert fresh.resumed_steps() == [], "no valid checkpoint: trained from scratch"
+    for path in stale:
+        assert f"refusing checkpoint {path}: " in fresh.output, show(fresh)

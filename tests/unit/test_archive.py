@@ -195,3 +195,90 @@ def test_negative_dimension_in_header_is_refused_with_checkpoint_error() -> None
     damaged = _with_header(small_archive(), lambda h: h["tensors"][0].update(shape=[-1, -16]))
     with pytest.raises(CheckpointError):
         load(damaged, "mem")
+
+
+def two_moments_archive() -> bytes:
+    """Two equal-size buffers, like AdamW's exp_avg and exp_avg_sq."""
+    return Archive({"exp_avg": torch.zeros(16), "exp_avg_sq": torch.ones(16)}).to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        # Overlapping extents: the second tensor pointed at the first's bytes.
+        (lambda h: h["tensors"][1].update(offset=0), "offset 0 is not 64"),
+        (lambda h: h["tensors"][0].update(offset=64), "offset 64 is not 0"),
+        (lambda h: h["tensors"][0].update(offset=0.0), "not an integer"),
+        (lambda h: h["tensors"][0].update(offset=True), "not an integer"),
+        (lambda h: h["tensors"][0].update(nbytes="64"), "not an integer"),
+        (lambda h: h["tensors"][0].update(shape=[16.0]), "non-negative integers"),
+        (lambda h: h["tensors"][0].update(shape=[True, 16]), "non-negative integers"),
+        (lambda h: h["tensors"][0].update(shape="16"), "non-negative integers"),
+        (lambda h: h["tensors"][0].update(dtype=["float32"]), "unknown tensor dtype"),
+        (lambda h: h["tensors"][0].update(extra=1), "dtype, shape, offset and nbytes"),
+        (lambda h: h.update(more=1), "not {tree, tensors}"),
+        (lambda h: h.update(tensors={}), "not a list"),
+        (lambda h: h["tree"]["__dict__"][1][1].update(__tensor__=0), "twice"),
+        (lambda h: h["tree"]["__dict__"][1][1].update(__tensor__=-1), "references tensor -1"),
+        (lambda h: h["tree"]["__dict__"][1][1].update(__tensor__=True), "references tensor True"),
+        (lambda h: h["tree"]["__dict__"][1][1].update(__tensor__=1.0), "references tensor 1.0"),
+        (lambda h: h["tree"]["__dict__"][1].__setitem__(1, None), "never references"),
+        (lambda h: h["tree"]["__dict__"][1][1].update(x=1), "never makes"),
+        (lambda h: h["tree"]["__dict__"][1].append(3), r"not \[key, value\]"),
+        (lambda h: h["tree"]["__dict__"].append([["k"], 1]), "key"),
+        (lambda h: h["tree"]["__dict__"][1].__setitem__(1, {"__tuple__": "x"}), "not a list"),
+        (lambda h: h["tree"]["__dict__"].append([{"__bytes__": "!!"}, 1]), "not base64"),
+        (lambda h: h["tree"]["__dict__"].append([{"__bytes__": 3}, 1]), "not a string"),
+    ],
+)
+def test_headers_the_writer_never_produces_are_refused(
+    edit: Callable[[dict], None], reason: str
+) -> None:
+    with pytest.raises(CheckpointError, match=reason) as caught:
+        load(_with_header(two_moments_archive(), edit), "/ckpt/state.pt")
+    assert str(caught.value).startswith("/ckpt/state.pt:")
+
+
+def test_loaded_tensors_never_share_memory() -> None:
+    state = load(two_moments_archive(), "mem")
+    state["exp_avg"].add_(1)
+    assert torch.equal(state["exp_avg_sq"], torch.ones(16))
+
+
+def test_padding_after_the_last_tensor_is_refused() -> None:
+    with pytest.raises(CheckpointError, match="truncated or padded"):
+        load(two_moments_archive() + bytes(64), "mem")
+
+
+def test_a_bfloat16_numpy_array_is_refused_not_crashed() -> None:
+    data = Archive({"a": torch.zeros(2, dtype=torch.bfloat16)}).to_bytes()
+    forged = _with_header(
+        data, lambda h: h["tree"]["__dict__"][0].__setitem__(1, {"__ndarray__": 0})
+    )
+    with pytest.raises(CheckpointError, match="bfloat16"):
+        load(forged, "mem")
+
+
+def test_a_deeply_nested_tree_is_refused() -> None:
+    data = Archive({"a": 1}).to_bytes()
+    header, end = _header(data)
+    deep = "[" * 100_000 + "]" * 100_000
+    encoded = json.dumps({"tree": None, "tensors": []}).replace("null", deep).encode()
+    forged = MAGIC + _LENGTH.pack(len(encoded)) + encoded
+    forged += bytes(-(-len(forged) // 64) * 64 - len(forged))
+    with pytest.raises(CheckpointError, match="nested too deeply|not JSON"):
+        load(forged, "mem")
+
+
+def test_decode_says_which_loader_refused_a_payload() -> None:
+    from jitckpt.state.training import decode
+
+    with pytest.raises(CheckpointError, match="neither a jitckpt archive nor a readable"):
+        decode(b"garbage that is no zip", "/ckpt/state.pt")
+    import io
+    import pickle
+
+    buffer = io.BytesIO()
+    torch.save({"model": {}, "step": 1, "evil": pickle.loads}, buffer)
+    with pytest.raises(CheckpointError, match="refused by the safe loader"):
+        decode(buffer.getvalue(), "/ckpt/state.pt")

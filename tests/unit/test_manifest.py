@@ -27,7 +27,7 @@ def full_manifest() -> Manifest:
         world_size=4,
         writer_rank=2,
         attempt=1,
-        layout={"type": "sharded", "mesh": [[0, 1], [2, 3]], "dims": ["replicate", "shard"]},
+        layout={"type": "hsdp", "mesh_shape": [2, 2], "mesh_dim_names": ["replicate", "shard"]},
         model_signature={"fc.weight": [[3, 4], "float32"], "fc.bias": [[3], "float32"]},
         run_id="0123abcd",
         created=1700000000.25,

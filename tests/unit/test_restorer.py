@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forgery import reseal
 
 from jitckpt import storage
 from jitckpt.checkpoint.context import RankContext
@@ -17,8 +18,10 @@ from jitckpt.checkpoint.restorer import Restorer, foreign_run, rank_candidates
 from jitckpt.errors import CheckpointMismatchError
 from jitckpt.events import EventLog, read_events
 from jitckpt.inject import Injector
+from jitckpt.state import archive
+from jitckpt.state.archive import Archive
 from jitckpt.state.buffers import BufferSnapshots
-from jitckpt.state.training import TrainingState
+from jitckpt.state.training import TrainingState, decode
 from jitckpt.storage.rundir import prepare_run_dir, run_id
 from jitckpt.tracker import StepTracker
 
@@ -179,3 +182,136 @@ def test_a_checkpoint_of_another_model_stops_the_restore_and_loads_nothing(
         restore(rank_context(tmp_path / "run", wider, wider_opt))
     for key, value in wider.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# -- corrupt and forged checkpoints: refused, the next candidate used ------------------
+def three_checkpoints(tmp_path: Path) -> tuple[RankContext, dict[str, torch.Tensor], Path]:
+    """Checkpoints of steps 3 and 4; the state of step 3 and the path of 4."""
+    model, optimizer = tiny_model(0)
+    ctx = rank_context(tmp_path / "run", model, optimizer)
+    save_at(ctx, 3)
+    at_three = {k: v.clone() for k, v in model.state_dict().items()}
+    return ctx, at_three, save_at(ctx, 4)
+
+
+def restored_from(tmp_path: Path, at_three: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
+    model, optimizer = tiny_model(1)
+    ctx = rank_context(tmp_path / "run", model, optimizer)
+    step = restore(ctx)
+    if step == 3:
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, at_three[key]), key
+    # A candidate whose manifest is refused ranks last: it is refused when
+    # reached, if no valid one comes before it.
+    refused = [e["reason"] for e in read_events(ctx.run_dir) if e["event"] == "checkpoint_refused"]
+    unlisted = [
+        c.problem for c in ctx.storage.candidates() if c.problem and c.problem not in refused
+    ]
+    return step, refused + unlisted
+
+
+def flip_signature_digit(data: dict) -> None:  # type: ignore[type-arg]
+    data["model_signature"]["0.weight"][0][0] += 2  # 8 -> 10: one flipped bit in "8"
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_flipped_bit_in_the_model_signature_falls_back_to_the_older_checkpoint(
+    tmp_path: Path, recompute: bool
+) -> None:
+    _, at_three, newest = three_checkpoints(tmp_path)
+    reseal(newest, edit=flip_signature_digit, recompute=recompute)
+    step, reasons = restored_from(tmp_path, at_three)
+    assert step == 3
+    wanted = "signature disagrees" if recompute else "manifest checksum mismatch"
+    assert len(reasons) == 1 and wanted in reasons[0], reasons
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("step", "4"),
+        ("world_size", [2]),
+        ("model_signature", {"0.weight": "float32"}),
+        ("layout", "ddp"),
+        ("files", {"state.pt": {"size": "big", "crc32": "00000000"}}),
+        ("kind", None),
+        ("writer_rank", 0.5),
+        ("run_id", {"id": 1}),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_fall_back_to_the_older_checkpoint(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    _, at_three, newest = three_checkpoints(tmp_path)
+    reseal(newest, edit=lambda d: d.__setitem__(field, value))
+    step, reasons = restored_from(tmp_path, at_three)
+    assert step == 3 and len(reasons) == 1 and f"'{field}'" in reasons[0], reasons
+
+
+def test_a_payload_whose_step_differs_from_its_manifest_is_refused(tmp_path: Path) -> None:
+    ctx, at_three, newest = three_checkpoints(tmp_path)
+    payload = decode(bytearray((newest / storage.PAYLOAD).read_bytes()), "x")
+    payload["step"] = 5
+    reseal(newest, Archive(payload).to_bytes())
+    step, reasons = restored_from(tmp_path, at_three)
+    assert step == 3 and "holds step 5, its manifest says 4" in reasons[0]
+
+
+def test_a_payload_whose_optimizer_state_does_not_fit_its_parameters_is_refused(
+    tmp_path: Path,
+) -> None:
+    ctx, at_three, newest = three_checkpoints(tmp_path)
+    payload = decode(bytearray((newest / storage.PAYLOAD).read_bytes()), "x")
+    payload["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    reseal(newest, Archive(payload).to_bytes())
+    step, reasons = restored_from(tmp_path, at_three)
+    assert step == 3 and "'exp_avg' of parameter 0" in reasons[0]
+
+
+def test_when_no_checkpoint_is_valid_the_run_starts_fresh(tmp_path: Path) -> None:
+    ctx, at_three, newest = three_checkpoints(tmp_path)
+    for path in ctx.storage.root.iterdir():
+        reseal(path, edit=flip_signature_digit, recompute=False)
+    step, reasons = restored_from(tmp_path, at_three)
+    assert step == 0 and len(reasons) == 2
+
+
+def test_pruning_after_the_first_step_never_removes_the_only_valid_copies(
+    tmp_path: Path,
+) -> None:
+    ctx, at_three, newest = three_checkpoints(tmp_path)
+    model, optimizer = tiny_model(1)
+    later = rank_context(tmp_path / "run", model, optimizer)
+    save_at(later, 5)
+    save_at(later, 6)
+    for step in (5, 6):
+        (path,) = [
+            p for p in ctx.storage.root.iterdir() if p.name.startswith(f"step-00000000{step}")
+        ]
+        data = bytearray((path / storage.PAYLOAD).read_bytes())
+        data[-1] ^= 1
+        (path / storage.PAYLOAD).write_bytes(bytes(data))
+    restorer = Restorer(later, layout_for(later, model, None, None), keep_jit=2)
+    restorer.after_first_step(4)
+    assert restorer.pruning is not None
+    restorer.pruning.join()
+    assert sorted(c.step for c in ctx.storage.candidates()) == [3, 4, 5, 6]
+
+
+def test_inspect_verify_decodes_the_payload(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from jitckpt.analysis.inspect import main as inspect_main
+    from jitckpt.checkpoint.restorer import decode_checked
+
+    ctx, at_three, newest = three_checkpoints(tmp_path)
+    payload = bytearray((newest / storage.PAYLOAD).read_bytes())
+    payload[len(archive.MAGIC) + 8] = ord("]")  # the header's JSON, checksum recomputed
+    reseal(newest, bytes(payload))
+    assert inspect_main([str(ctx.run_dir)]) == 0
+    assert "INVALID" not in capsys.readouterr().out  # sizes only: looks valid
+    assert inspect_main([str(ctx.run_dir), "--verify"], decoder=decode_checked) == 0
+    out = capsys.readouterr().out
+    assert "INVALID" in out and "not JSON" in out
+    from jitckpt.cli import main as cli_main
+
+    assert cli_main(["inspect", str(ctx.run_dir), "--verify"]) == 0  # the CLI passes the decoder
+    assert "not JSON" in capsys.readouterr().out

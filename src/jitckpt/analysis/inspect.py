@@ -5,21 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jitckpt import storage
 from jitckpt.errors import CheckpointError
 
+# Decodes a verified payload and checks it against its manifest, raising
+# CheckpointError (jitckpt.checkpoint.restorer.decode_checked: the CLI passes
+# it, as it needs torch and this module must not import it).
+Decoder = Callable[[bytearray, storage.Candidate], Any]
 
-def main(argv: list[str]) -> int:
+
+def main(argv: list[str], decoder: Decoder | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jitckpt inspect", description=__doc__)
     parser.add_argument("run_dir", help="a run directory (or its checkpoints/ folder)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="re-read every file and check its checksum (default: manifests and file sizes only)",
+        help="re-read every file, check its checksum and decode the payload as a restore "
+        "would (default: manifests and file sizes only)",
     )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -37,6 +44,8 @@ def main(argv: list[str]) -> int:
                 if args.verify:
                     # Every file: a sharded checkpoint has one per writer too.
                     store.verify_files(candidate)
+                    if decoder is not None:
+                        decoder(store.read_verified(candidate), candidate)
                 else:
                     store.check_sizes(candidate)
             except CheckpointError as exc:

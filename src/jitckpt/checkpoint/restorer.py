@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +31,9 @@ from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.layout import Layout, check
 from jitckpt.errors import CheckpointError, CheckpointMismatchError, JitckptError
 from jitckpt.state import rng
+from jitckpt.state.consistency import check_optimizer, check_payload
+from jitckpt.state.dcp_read import read_metadata
+from jitckpt.state.mesh import SHARDED_TYPES
 from jitckpt.state.training import check_signature, decode
 from jitckpt.storage.base import Candidate, Storage
 from jitckpt.storage.manifest import PAYLOAD, Manifest
@@ -78,6 +82,23 @@ def foreign_run(manifest: Manifest, run_id: str, strict: bool = False) -> str | 
     )
 
 
+def decode_checked(data: bytearray, candidate: Candidate) -> dict[str, Any]:
+    """The payload decoded and checked against its own manifest (a
+    disagreement is corruption: CheckpointError, the candidate refused);
+    for a sharded checkpoint, its DCP metadata read with the restricted
+    unpickler too. Nothing of it runs code. ``jitckpt inspect --verify``
+    uses it as well."""
+    manifest = candidate.manifest
+    assert manifest is not None
+    where = str(candidate.path / PAYLOAD)
+    payload = decode(data, where)
+    sharded = manifest.layout.get("type") in SHARDED_TYPES
+    check_payload(payload, manifest.step, manifest.model_signature, sharded, where)
+    if sharded:
+        read_metadata(candidate.path)
+    return payload
+
+
 class Restorer:
     """Chooses and loads the checkpoint a (re)started rank resumes from.
 
@@ -91,6 +112,7 @@ class Restorer:
         self.ctx = ctx
         self.layout = layout
         self.keep_jit = keep_jit
+        self.pruning: threading.Thread | None = None
 
     def sources(self) -> list[Storage]:
         """Where checkpoints are looked for, preferred first."""
@@ -115,7 +137,8 @@ class Restorer:
             self._check_fits(manifest, path)
         ctx.injector.at("restore", manifest.step)
         if payload is None:
-            payload = decode(ctx.storage.read_verified(chosen), str(path / PAYLOAD))
+            payload = self._decode(ctx.storage.read_verified(chosen), chosen)
+            check_optimizer(payload, ctx.state.optimizer, str(path / PAYLOAD))
         try:
             self.layout.load(payload, path)
         except CheckpointError:
@@ -160,13 +183,27 @@ class Restorer:
         staged copies are no longer needed."""
         ctx = self.ctx
         if ctx.rank == 0:
-            ctx.storage.prune("jit", self.keep_jit, keep_from_step=resumed_at)
+            # On a thread: pruning verifies (reads) the copies it keeps that
+            # this process has not read already, which must not stall the
+            # loop. It removes only steps older than the one restored, which
+            # no save of this run writes.
+            self.pruning = threading.Thread(
+                target=ctx.storage.prune,
+                args=("jit", self.keep_jit),
+                kwargs={"keep_from_step": resumed_at},
+                name="jitckpt-prune",
+                daemon=True,
+            )
+            self.pruning.start()
         if ctx.staging is not None and os.environ.get(protocol.LOCAL_RANK_ENV, "0") == "0":
             ctx.staging.remove_persisted()
 
     def _check_fits(self, manifest: Manifest, path: Path) -> None:
         check(self.layout, manifest.layout, str(path))
         check_signature(manifest.model_signature, self.ctx.state.model, str(path))
+
+    def _decode(self, data: bytearray, candidate: Candidate) -> dict[str, Any]:
+        return decode_checked(data, candidate)
 
     def _source_name(self, candidate: Candidate) -> str:
         staging = self.ctx.staging
@@ -240,21 +277,28 @@ class Restorer:
                 problem = foreign_run(manifest, ctx.run_id, strict=source is not ctx.storage)
             if problem is None and manifest is not None:
                 try:
-                    data = source.read_verified(candidate)
-                    payload = decode(data, str(candidate.path / PAYLOAD))
+                    payload = self._decode(source.read_verified(candidate), candidate)
                     if len(manifest.files) > 1:
                         # Sharded: DCP reads the tensor files without checking them.
                         source.verify_files(candidate)
                 except CheckpointError as exc:
                     problem = str(exc)
             if problem is not None or manifest is None or payload is None:
-                ctx.events.emit(ev.CHECKPOINT_REFUSED, path=str(candidate.path), reason=problem)
-                print(
-                    f"jitckpt: refusing checkpoint {candidate.path}: {problem}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                self._refused(candidate, problem)
                 continue
             self._check_fits(manifest, candidate.path)
+            try:
+                check_optimizer(payload, ctx.state.optimizer, str(candidate.path / PAYLOAD))
+            except CheckpointError as exc:
+                self._refused(candidate, str(exc))
+                continue
             return candidate, payload
         return None, None
+
+    def _refused(self, candidate: Candidate, problem: str | None) -> None:
+        self.ctx.events.emit(ev.CHECKPOINT_REFUSED, path=str(candidate.path), reason=problem)
+        print(
+            f"jitckpt: refusing checkpoint {candidate.path}: {problem}",
+            file=sys.stderr,
+            flush=True,
+        )

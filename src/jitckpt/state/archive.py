@@ -23,7 +23,9 @@ arrays). Anything else is refused when the state is saved, with its path.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,8 @@ _LENGTH = struct.Struct("<Q")
 _ALIGN = 64
 # Largest header accepted on load: a guard against a garbled length field.
 _MAX_HEADER = 1 << 28
+# torch's limit on a tensor's dimensions.
+_MAX_DIMS = 64
 
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
@@ -57,6 +61,7 @@ _DTYPES = {
         torch.complex128,
     )
 }
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _DTYPES.values()}
 
 
 @dataclass
@@ -174,7 +179,12 @@ def is_archive(data: bytes | bytearray | memoryview) -> bool:
 
 def load(data: bytearray | bytes, where: str) -> Any:
     """Decode an archive. The tensors are views of ``data`` (kept alive by
-    them), so a caller that loads them into a model copies each byte once."""
+    them), so a caller that loads them into a model copies each byte once.
+
+    Every header field is checked against what :class:`Archive` writes
+    (:func:`_check_header`), so a forged header is refused with
+    CheckpointError naming ``where`` and the field, before a tensor is made:
+    no tensor can point outside the file or share bytes with another."""
     buffer = data if isinstance(data, bytearray) else bytearray(data)
     view = memoryview(buffer)
     if not is_archive(view):
@@ -187,51 +197,156 @@ def load(data: bytearray | bytes, where: str) -> Any:
         raise CheckpointError(f"{where}: archive header length {length} is impossible (garbled)")
     try:
         header = json.loads(bytes(view[prefix : prefix + length]))
-        tree, specs = header["tree"], header["tensors"]
-        data_start = -(-(prefix + length) // _ALIGN) * _ALIGN
-        tensors = [_tensor_at(buffer, data_start, spec, len(view)) for spec in specs]
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: archive header is not JSON (garbled: {exc})") from None
+    data_start = -(-(prefix + length) // _ALIGN) * _ALIGN
+    try:
+        tree, specs = _check_header(header, data_start, len(view))
+        tensors = [_tensor_at(buffer, data_start, spec) for spec in specs]
+        decoder = _Decoder(tensors)
+        state = decoder.decode(tree)
+        decoder.check_all_used()
+        return state
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{where}: archive header is garbled ({exc})") from None
-    try:
-        return _decode(tree, tensors)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"{where}: archive tree is garbled ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: archive tree is nested too deeply (garbled)") from None
 
 
-def _tensor_at(buffer: bytearray, data_start: int, spec: dict[str, Any], size: int) -> torch.Tensor:
-    dtype = _DTYPES.get(spec["dtype"])
-    if dtype is None:
-        raise CheckpointError(f"unknown tensor dtype {spec['dtype']!r}")
-    shape = [int(n) for n in spec["shape"]]
-    if any(n < 0 for n in shape):
-        # Two negative dimensions can multiply to the right byte count.
-        raise CheckpointError(f"a tensor has a negative dimension {shape} (garbled header)")
-    numel = int(np.prod(shape)) if shape else 1
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    start = data_start + int(spec["offset"])
-    if nbytes != spec["nbytes"] or start < data_start or start + nbytes > size:
-        raise CheckpointError("a tensor lies outside the archive (truncated or garbled)")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_header(header: Any, data_start: int, size: int) -> tuple[Any, list[dict[str, Any]]]:
+    """The tree and the tensor specs of a header, every field checked: ints
+    that are not bools, known dtypes, non-negative shapes whose byte count is
+    ``nbytes``, and offsets exactly where the writer puts them (each tensor
+    64-byte aligned right after the previous one: in order, never
+    overlapping), the last one ending at the end of the file."""
+    if not isinstance(header, dict) or set(header) != {"tree", "tensors"}:
+        raise CheckpointError("archive header is not {tree, tensors} (garbled)")
+    specs = header["tensors"]
+    if not isinstance(specs, list):
+        raise CheckpointError("archive header's 'tensors' is not a list (garbled)")
+    end = 0
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "offset", "nbytes"}:
+            raise CheckpointError(f"tensor {i}: not a dtype, shape, offset and nbytes (garbled)")
+        dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+        if dtype is None:
+            raise CheckpointError(f"tensor {i}: unknown tensor dtype {spec['dtype']!r}")
+        shape = spec["shape"]
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            # Two negative dimensions can multiply to the right byte count.
+            raise CheckpointError(
+                f"tensor {i}: shape {shape!r} is not a list of non-negative integers (garbled)"
+            )
+        nbytes, offset = spec["nbytes"], spec["offset"]
+        if not _is_int(nbytes) or not _is_int(offset):
+            raise CheckpointError(f"tensor {i}: offset or nbytes is not an integer (garbled)")
+        if len(shape) > _MAX_DIMS:  # also keeps the product below cheap to compute
+            raise CheckpointError(f"tensor {i}: {len(shape)} dimensions, more than torch allows")
+        if nbytes != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise CheckpointError(
+                f"tensor {i}: nbytes {nbytes} does not match shape {shape} of {spec['dtype']}"
+            )
+        if offset != end:
+            raise CheckpointError(
+                f"tensor {i}: offset {offset} is not {end}, where the writer puts it "
+                f"(overlapping, out of order or garbled)"
+            )
+        end += -(-nbytes // _ALIGN) * _ALIGN
+        if data_start + end > size:
+            raise CheckpointError(
+                f"tensor {i} lies outside the archive (truncated or garbled): it ends at byte "
+                f"{data_start + offset + nbytes}, the file has {size}"
+            )
+    if data_start + end != size:
+        raise CheckpointError(
+            f"archive is {size} bytes, its header accounts for {data_start + end} "
+            f"(truncated or padded)"
+        )
+    return header["tree"], specs
+
+
+def _tensor_at(buffer: bytearray, data_start: int, spec: dict[str, Any]) -> torch.Tensor:
+    """The tensor of a checked spec (a view of ``buffer``)."""
+    dtype, shape, nbytes = _DTYPES[spec["dtype"]], spec["shape"], spec["nbytes"]
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=start)
+    raw = torch.frombuffer(
+        buffer, dtype=torch.uint8, count=nbytes, offset=data_start + spec["offset"]
+    )
     return raw.view(dtype).reshape(shape)
 
 
-def _decode(value: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "__tensor__" in value:
-        return tensors[value["__tensor__"]]
-    if "__ndarray__" in value:
-        return tensors[value["__ndarray__"]].numpy()
-    if "__tuple__" in value:
-        return tuple(_decode(v, tensors) for v in value["__tuple__"])
-    if "__bytes__" in value:
-        return base64.b64decode(value["__bytes__"])
-    if "__dict__" in value:
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
-    raise ValueError(f"unknown node {sorted(value)[:3]}")
+# What a header node may be: exactly one of these keys (every dict is tagged).
+_TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__bytes__", "__dict__")
+
+
+class _Decoder:
+    """The state tree of a header, its tensors put back. Every node must be
+    one the writer makes; each tensor is referenced exactly once (two
+    references would make two state entries share memory)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.used = [False] * len(tensors)
+
+    def decode(self, value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self.decode(v) for v in value]
+        if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in _TAGS:
+            shown = sorted(value)[:3] if isinstance(value, dict) else type(value).__name__
+            raise CheckpointError(f"archive tree has a node {shown} the writer never makes")
+        tag, body = next(iter(value.items()))
+        if tag == "__tensor__":
+            return self.tensor(body)
+        if tag == "__ndarray__":
+            tensor = self.tensor(body)
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: never written
+                raise CheckpointError("archive tree has a bfloat16 numpy array (forged)")
+            return tensor.numpy()
+        if tag == "__bytes__":
+            if not isinstance(body, str):
+                raise CheckpointError("archive tree has __bytes__ that is not a string")
+            try:
+                return base64.b64decode(body, validate=True)
+            except binascii.Error as exc:
+                raise CheckpointError(
+                    f"archive tree has __bytes__ that is not base64 ({exc})"
+                ) from None
+        if not isinstance(body, list):
+            raise CheckpointError(f"archive tree has {tag} that is not a list")
+        if tag == "__tuple__":
+            return tuple(self.decode(v) for v in body)
+        result = {}
+        for pair in body:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise CheckpointError("archive tree has a __dict__ item that is not [key, value]")
+            key = self.decode(pair[0])
+            if isinstance(key, (list, dict, torch.Tensor, np.ndarray)) or key in result:
+                raise CheckpointError(
+                    f"archive tree has a __dict__ key {key!r} the writer never makes"
+                )
+            result[key] = self.decode(pair[1])
+        return result
+
+    def tensor(self, index: Any) -> torch.Tensor:
+        if not _is_int(index) or not 0 <= index < len(self.tensors):
+            raise CheckpointError(
+                f"archive tree references tensor {index!r}; the header has {len(self.tensors)}"
+            )
+        if self.used[index]:
+            raise CheckpointError(f"archive tree references tensor {index} twice (forged)")
+        self.used[index] = True
+        return self.tensors[index]
+
+    def check_all_used(self) -> None:
+        if not all(self.used):
+            raise CheckpointError(
+                f"archive header lists tensor {self.used.index(False)} that the tree never "
+                f"references (garbled)"
+            )

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from jitckpt import protocol
-from jitckpt.errors import CheckpointMismatchError, JitckptError, exit_fatal
+from jitckpt.errors import CheckpointError, CheckpointMismatchError, JitckptError, exit_fatal
 
 # Collective timeout of the writers' fresh group: a writer that dies during
 # the save fails the save after this long instead of gloo's 30 minutes.
@@ -97,6 +97,10 @@ def layout_of(model: torch.nn.Module) -> MeshLayout | None:
     return None
 
 
+# The layout types whose model and optimizer are stored with DCP.
+SHARDED_TYPES = ("fsdp", "hsdp")
+
+
 def check_layout(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Refuse, before anything is loaded, a checkpoint whose layout cannot
     be mapped onto this job's. DCP reshards between any FSDP and HSDP meshes
@@ -104,7 +108,7 @@ def check_layout(saved: dict[str, Any], current: dict[str, Any], where: str) -> 
     whole-state DDP payload and sharded checkpoints do not convert."""
     saved_type = saved.get("type")
     current_type = current.get("type")
-    sharded_types = ("fsdp", "hsdp")
+    sharded_types = SHARDED_TYPES
     if saved_type == current_type == "ddp":
         return
     if saved_type in sharded_types and current_type in sharded_types:
@@ -208,12 +212,23 @@ def writers_group(writers: list[int]) -> dist.ProcessGroup:
 
 def load_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Load a sharded checkpoint onto this job's mesh (every rank calls:
-    DCP reads each rank's part of every tensor, whatever mesh wrote it)."""
+    DCP reads each rank's part of every tensor, whatever mesh wrote it),
+    through a reader that runs no code from the checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from jitckpt.state.dcp_read import SAFE_REFUSAL, SafePlanner, SafeReader
+
     state = tensor_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(directory))
+    # Never DCP's own reader: it unpickles .metadata (jitckpt.state.dcp_read).
+    try:
+        dcp.load(state, storage_reader=SafeReader(directory), planner=SafePlanner())
+    except dcp.api.CheckpointException as exc:
+        # DCP wraps what its reader raised; a refusal of SafePlanner's stays one.
+        if SAFE_REFUSAL in str(exc):
+            found = str(exc)[str(exc).index("DCP entry") :].splitlines()[0]
+            raise CheckpointError(f"{directory}: {found}") from None
+        raise
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )

@@ -11,6 +11,7 @@ when the saver runs, while the step tracker holds the loop still.
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -213,19 +214,46 @@ def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
     """Decode a payload without running any code from it: a jitckpt archive
     is JSON plus raw tensor bytes; a torch.save payload (written by other
     tools or copied in) goes through weights_only loading, which refuses
-    every object other than tensors and plain containers."""
-    try:
-        if archive.is_archive(data):
+    every object other than tensors and plain containers. Every failure is
+    a CheckpointError that says which of the two refused it and why."""
+    if archive.is_archive(data):
+        try:
             payload = archive.load(data, where)
-        else:
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a hole in the archive's checks
+            raise CheckpointError(
+                f"{where}: the jitckpt archive could not be decoded "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
+    else:
+        try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{where}: refused by the safe loader (weights_only): {first_line}"
-        ) from None
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means "unusable"
+            # A zip (torch.save) or pickle stream that weights_only's unpickler
+            # stopped was refused by it; anything else was never a torch.save file.
+            looks_saved = bytes(data[:4]) == b"PK\x03\x04" or bytes(data[:1]) == b"\x80"
+            if isinstance(exc, pickle.UnpicklingError) and looks_saved:
+                raise CheckpointError(
+                    f"{where}: refused by the safe loader (weights_only): {_telling_line(exc)}"
+                ) from None
+            raise CheckpointError(
+                f"{where}: neither a jitckpt archive nor a readable torch.save file "
+                f"({type(exc).__name__}: {_telling_line(exc)})"
+            ) from None
     if not isinstance(payload, dict) or "model" not in payload or "step" not in payload:
         raise CheckpointError(f"{where}: not a jitckpt training state")
     return payload
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _telling_line(exc: BaseException) -> str:
+    """The line of torch.load's long message that says what it refused."""
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip()
+    return _first_line(exc)

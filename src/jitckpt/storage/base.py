@@ -12,6 +12,7 @@ for every file) and never trust a file the manifest does not vouch for.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from jitckpt.storage.manifest import KINDS, Manifest
 # ``save`` phase, at "payload_written") can stop the writer.
 WRITE_POINTS = ("tmp_created", "payload_half", "payload_written", "manifest_written", "renamed")
 WritePointHook = Callable[[str], None]
+# A checkpoint directory's name (jitckpt.storage.manifest.Manifest.name).
+_NAME = re.compile(r"step-(\d+)-([a-z]+)-a(\d+)-r(\d+)")
 
 
 class Payload(Protocol):
@@ -61,7 +64,14 @@ class Candidate:
         writer rank."""
         m = self.manifest
         if m is None:
-            return (1, len(KINDS), 1, 0, 0)
+            # Ranked by what its directory name says, after every valid copy
+            # of that step: a corrupt newest checkpoint is reached (and
+            # refused, with its reason) before an older one is loaded.
+            named = _NAME.fullmatch(self.path.name)
+            if named is None:
+                return (1, len(KINDS), 2, 0, 0)
+            kind = KINDS.index(named[2]) if named[2] in KINDS else len(KINDS)
+            return (-int(named[1]), kind, 2, -int(named[3]), int(named[4]))
         kind = KINDS.index(m.kind) if m.kind in KINDS else len(KINDS)
         inexact = 1 if m.exact_buffers is False else 0
         return (-m.step, kind, inexact, -m.attempt, m.writer_rank)

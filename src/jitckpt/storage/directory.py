@@ -39,6 +39,7 @@ from pathlib import Path
 
 from jitckpt.errors import CheckpointError, CheckpointWriteError
 from jitckpt.storage.base import Candidate, Payload, WritePointHook
+from jitckpt.storage.files import open_regular, read_regular, regular_size
 from jitckpt.storage.manifest import MANIFEST, PAYLOAD, FileEntry, Manifest, read_manifest
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -149,6 +150,9 @@ class DirectoryStorage:
         # the run directory follows the umask.
         self.file_mode = 0o600 if private else 0o666
         self.dir_mode = 0o700 if private else 0o777
+        # Checkpoints this process wrote or verified whole, by the identity of
+        # their files (inode, size, mtime): pruning does not read them again.
+        self._known_good: set[tuple[object, ...]] = set()
 
     def write(
         self,
@@ -186,6 +190,7 @@ class DirectoryStorage:
             raise CheckpointWriteError(self._explain(exc, name, body.size), exc.errno) from None
         point("renamed")
         _fsync_path(self.root)
+        self._remember(final)
         return final
 
     def temporary(self, manifest: Manifest) -> Path:
@@ -223,7 +228,27 @@ class DirectoryStorage:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(self._explain(exc, name, body.size), exc.errno) from None
         _fsync_path(self.root)
+        self._remember(final)
         return final
+
+    def _identity(self, path: Path) -> tuple[object, ...] | None:
+        """What identifies a checkpoint's files on disk, None if unreadable."""
+        try:
+            return tuple(
+                (f.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                for f in sorted(path.iterdir())
+                for st in (f.lstat(),)
+            )
+        except OSError:
+            return None
+
+    def _remember(self, path: Path) -> None:
+        identity = self._identity(path)
+        if identity is not None:
+            self._known_good.add((str(path), identity))
+
+    def _is_known_good(self, path: Path) -> bool:
+        return (str(path), self._identity(path)) in self._known_good
 
     def _publish(
         self,
@@ -242,9 +267,19 @@ class DirectoryStorage:
         os.fsync(directory)
         if not os.path.samestat(os.lstat(tmp), os.fstat(directory)):
             raise OSError(errno.EEXIST, f"{tmp} was replaced while it was written")
-        if os.path.lexists(final):  # the same step rewritten (a manual save twice)
-            _remove(final)
+        if not os.path.lexists(final):
+            os.rename(tmp, final)
+            return
+        # The same step rewritten (a manual save twice): the old copy steps
+        # aside under a name that is still a candidate, the new one takes its
+        # place, then the old one goes. A crash at any point leaves a
+        # complete copy that a reader takes.
+        aside = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+        _remove(aside)
+        os.rename(final, aside)
         os.rename(tmp, final)
+        _fsync_path(final.parent)
+        _remove(aside)
 
     def _new_dir(self, path: Path) -> _Dir:
         """Create ``path`` and open it (never through a symlink)."""
@@ -261,15 +296,16 @@ class DirectoryStorage:
             file_path = candidate.path / name
             expected = entry.checksum
             actual = (
-                f"crc32:{_file_crc32(file_path)}"
+                f"crc32:{_file_crc32(file_path, entry.size)}"
                 if entry.crc32 is not None
-                else _checksum(file_path.read_bytes(), expected)
+                else _checksum(read_regular(file_path, entry.size), expected)
             )
             if actual != expected:
                 raise CheckpointError(
                     f"{file_path}: checksum mismatch ({actual}, manifest says {expected}): "
                     f"the file is corrupt"
                 )
+        self._remember(candidate.path)
 
     def _explain(self, exc: OSError, name: str, size: int) -> str:
         where = f"checkpoint {name} in {self.root}"
@@ -314,17 +350,7 @@ class DirectoryStorage:
         file_path = candidate.path / PAYLOAD
         if entry is None:
             raise CheckpointError(f"{candidate.path / MANIFEST}: lists no {PAYLOAD}")
-        try:
-            with open(file_path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                data = bytearray(size)
-                got = handle.readinto(data)
-        except FileNotFoundError:
-            raise CheckpointError(f"{file_path}: file missing") from None
-        if got != entry.size or size != entry.size:
-            raise CheckpointError(
-                f"{file_path}: truncated or padded: {got} bytes, manifest says {entry.size}"
-            )
+        data = read_regular(file_path, entry.size)
         expected = entry.checksum
         actual = _checksum(data, expected)
         if actual != expected:
@@ -340,10 +366,7 @@ class DirectoryStorage:
             raise CheckpointError(candidate.problem or f"{candidate.path}: no manifest")
         for name, entry in candidate.manifest.files.items():
             file_path = candidate.path / name
-            try:
-                size = file_path.stat().st_size
-            except FileNotFoundError:
-                raise CheckpointError(f"{file_path}: file missing") from None
+            size = regular_size(file_path)
             if size != entry.size:
                 raise CheckpointError(
                     f"{file_path}: truncated or padded: {size} bytes, manifest says {entry.size}"
@@ -385,27 +408,46 @@ class DirectoryStorage:
     def prune(self, kind: str, keep: int, keep_from_step: int | None = None) -> list[Path]:
         """Remove all but the ``keep`` newest steps of one kind; returns what
         was removed. Several ranks' copies of one step count as one step, and
-        only checkpoints whose files are all there count. Nothing at or after
-        ``keep_from_step`` (the step just restored) is removed."""
-        usable = []
-        for candidate in self.candidates():
-            if candidate.manifest is None or candidate.manifest.kind != kind:
+        only checkpoints that verify (every file's size and checksum) count:
+        corrupt newer copies never cause a valid older one to go. Nothing at
+        or after ``keep_from_step`` (the step just restored) is removed. Only
+        the copies needed to find the ``keep`` newest valid steps are read,
+        and of those only the ones this process has not written or verified
+        already (files unchanged since)."""
+        if keep <= 0:
+            return []
+        of_kind = [
+            c for c in self.candidates() if c.manifest is not None and c.manifest.kind == kind
+        ]
+        kept: set[int] = set()
+        for candidate in of_kind:  # newest first
+            if len(kept) == keep:
+                break
+            if candidate.step in kept:
                 continue
             try:
-                self.check_sizes(candidate)
+                if not self._is_known_good(candidate.path):
+                    self.verify_files(candidate)
             except CheckpointError:
                 continue
-            usable.append(candidate)
-        steps = sorted({c.step for c in usable}, reverse=True)
-        if len(steps) <= keep or keep <= 0:
+            kept.add(candidate.step)
+        if len(kept) < keep:
             return []
-        cutoff = steps[keep - 1]
+        cutoff = min(kept)
         if keep_from_step is not None:
             cutoff = min(cutoff, keep_from_step)
         removed = []
-        for candidate in usable:
+        for candidate in of_kind:
             if candidate.step < cutoff:
-                shutil.rmtree(candidate.path, ignore_errors=True)
+                # Renamed away first: a process that ends mid-removal leaves a
+                # .tmp-* directory (ignored, removed at the next start), not
+                # half a checkpoint.
+                doomed = self.root / f".tmp-pruned-{candidate.name}-{os.getpid()}"
+                try:
+                    os.rename(candidate.path, doomed)
+                except OSError:
+                    continue
+                shutil.rmtree(doomed, ignore_errors=True)
                 removed.append(candidate.path)
         return removed
 
@@ -485,9 +527,11 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _file_crc32(path: Path) -> str:
+def _file_crc32(path: Path, size: int | None = None) -> str:
+    """The CRC32 of a regular file (of ``size`` bytes when given; a link,
+    a FIFO or a device is refused by open_regular before any read)."""
     crc = 0
-    with open(path, "rb") as handle:
+    with os.fdopen(open_regular(path, size), "rb") as handle:
         while chunk := handle.read(_READ_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
