@@ -47,6 +47,7 @@ from jitckpt.checkpoint.periodic import PeriodicSaver
 from jitckpt.events import EventLog
 from jitckpt.state.training import TrainingState
 from jitckpt.storage.directory import DirectoryStorage
+from jitckpt.storage.manifest import Manifest
 
 
 def build(width: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -67,8 +68,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, width: 
     optimizer.zero_grad(set_to_none=False)
 
 
-def manifest(step: int) -> dict[str, Any]:
-    return {"kind": "jit", "step": step, "world_size": 1, "writer_rank": 0, "attempt": 0}
+def manifest(step: int) -> Manifest:
+    return Manifest(kind="jit", step=step, world_size=1, writer_rank=0, attempt=0)
 
 
 def plain_copy(data: memoryview, directory: Path) -> float:
