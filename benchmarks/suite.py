@@ -66,7 +66,7 @@ class Plan:
         self.drills = drills or (1 if quick else 10)
         self.save_every = 4 if quick else 10
         # overhead.py: rounds x (warmup + steps) per mode, 5 modes.
-        self.rounds, self.warmup, self.steps = (2, 1, 4) if quick else (4, 2, 16)
+        self.rounds, self.warmup, self.steps = (1, 1, 4) if quick else (4, 2, 16)
         self.gap = 5 if quick else 6  # steps between jitckpt's injected failures
         self.torchft_variants = ("ddp",) if quick else ("ddp", "allreduce")
         self.timeout_s = 240.0 if quick else 420.0  # one section's job

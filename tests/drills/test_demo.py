@@ -13,17 +13,17 @@ def test_demo_script_trains_fails_saves_resumes_and_summarizes(tmp_path: Path) -
     run_dir = tmp_path / "demo"
     launch = run_tagged(
         ["bash", str(REPO / "scripts" / "demo.sh")],
-        env={"JITCKPT_SKIP_INSTALL": "1", "DEMO_STEPS": "24", "DEMO_RUN_DIR": str(run_dir)},
+        env={"JITCKPT_SKIP_INSTALL": "1", "DEMO_STEPS": "12", "DEMO_RUN_DIR": str(run_dir)},
     )
     assert launch.returncode == 0, show(launch)
     out = launch.output
     restart, _, inprocess = out.partition("== 2. in process")
-    assert "jitckpt: resumed from step 12 (jit checkpoint" in restart, show(launch)
+    assert "jitckpt: resumed from step 6 (jit checkpoint" in restart, show(launch)
     assert "jitckpt summary for" in restart and "1 failure(s)" in restart
-    assert "iterations lost: 1" in restart and "valid  step-000000012-jit" in restart
+    assert "iterations lost: 1" in restart and "valid  step-000000006-jit" in restart
     assert (run_dir / "digest.txt").read_text().strip()
     assert "resumed from step" not in inprocess, "nothing restarts in process"
     assert "1 in-process recovery(ies) (survivors kept running)" in inprocess, show(launch)
     assert "rank 2 replaced by a spare process" in inprocess
-    assert "resumed at step 12, iterations lost: 1" in inprocess
+    assert "resumed at step 6, iterations lost: 1" in inprocess
     assert (tmp_path / "demo-inprocess" / "digest.txt").read_text().strip()

@@ -100,19 +100,31 @@ if dist.get_rank() == 0:
 """
 
 
+@pytest.fixture(scope="module")
+def plain_init_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The PLAIN_INIT script and the final line of its failure-free run."""
+    base = tmp_path_factory.mktemp("plain-init")
+    script = base / "train.py"
+    script.write_text(textwrap.dedent(PLAIN_INIT))
+    reference = jitckpt_run(str(script), str(base / "ref"), nproc=2)
+    assert reference.returncode == 0, show(reference)
+    return script, final_lines(reference.output)
+
+
+def final_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("final ")]
+
+
 @pytest.mark.parametrize("recovery", ["restart", "auto"])
 def test_a_plain_init_process_group_is_adopted_and_survives_a_failure(
-    tmp_path: Path, recovery: str
+    tmp_path: Path, recovery: str, plain_init_reference: tuple[Path, list[str]]
 ) -> None:
     """A script that kept `dist.init_process_group("gloo")`: the restarted
     attempt used to fail ("Gloo connectFullMesh failed ... Connection
     refused": the agent's store still held the old attempt's addresses).
     Adopted by the bootstrap, the group survives a kill on both paths and
     the run ends where the failure-free run does."""
-    script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(PLAIN_INIT))
-    reference = jitckpt_run(str(script), str(tmp_path / "ref"), nproc=2)
-    assert reference.returncode == 0, show(reference)
+    script, expected = plain_init_reference
     launch = jitckpt_run(
         "--recovery", recovery, "--inject", "kill@step=3,rank=1,phase=backward",
         str(script), str(tmp_path / "run"), nproc=2,
@@ -121,6 +133,5 @@ def test_a_plain_init_process_group_is_adopted_and_survives_a_failure(
     assert "Connection refused" not in launch.output, show(launch)
     failed = [e for e in read_events(tmp_path / "run") if e["event"] == "fault_injected"]
     assert len(failed) == 1, show(launch)
-    final = [line for line in launch.output.splitlines() if line.startswith("final ")]
-    expected = [line for line in reference.output.splitlines() if line.startswith("final ")]
+    final = final_lines(launch.output)
     assert final == expected and final, show(launch)

@@ -234,3 +234,11 @@ def test_worker_bootstrap_and_warm_pool_client_import_no_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest imports test modules by basename (no packages under tests/):
+    two of one name stop the whole run at collection."""
+    names = [path.name for path in (SRC.parent / "tests").rglob("test_*.py")]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    assert duplicated == [], duplicated
