@@ -83,7 +83,7 @@ def truncate(path: Path, rnd: random.Random, recompute: bool) -> str:
 
 
 def extend(path: Path, rnd: random.Random, recompute: bool) -> str:
-    extra = rnd.choice([b"\0" * 64, os.urandom(rnd.randrange(1, 300)), _payload(path)[:64]])
+    extra = rnd.choice([b"\0" * 64, rnd.randbytes(rnd.randrange(1, 300)), _payload(path)[:64]])
     reseal(path, _payload(path) + extra, recompute=recompute)
     return "payload extended"
 
