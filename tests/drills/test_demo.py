@@ -27,3 +27,14 @@ def test_demo_script_trains_fails_saves_resumes_and_summarizes(tmp_path: Path) -
     assert "rank 2 replaced by a spare process" in inprocess
     assert "resumed at step 6, iterations lost: 1" in inprocess
     assert (tmp_path / "demo-inprocess" / "digest.txt").read_text().strip()
+    # The console tells the failure's story; the survivors' tracebacks of the
+    # collective the dead rank broke are in the worker logs it names.
+    assert "Traceback (most recent call last)" not in out, show(launch)
+    assert "UserWarning" not in out, show(launch)
+    assert "a collective failed, as it does when a peer fails" in restart, show(launch)
+    logs = sorted((run_dir / "logs").glob("attempt-0-rank-*.log"))
+    assert logs and all("Traceback" in log.read_text() for log in logs), logs
+    assert (
+        f"worker detail (the tracebacks of collectives a failed peer broke): {run_dir}/logs/"
+        in restart
+    )

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from jitckpt import events as ev
 from jitckpt.events import read_events
+from jitckpt.storage.rundir import LOGS_DIR
 
 
 def _first(events: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
@@ -294,6 +296,11 @@ def format_summary(
                 else "no older checkpoint to resume from"
             )
             lines.append(f"    {f['jit_impossible']}; {fallback}")
+    logs = Path(run_dir) / LOGS_DIR
+    if failures and logs.is_dir() and any(logs.iterdir()):
+        lines.append(
+            f"  worker detail (the tracebacks of collectives a failed peer broke): {logs}/"
+        )
     for spec in never_fired(events, requested):
         lines.append(
             f"  injected fault {spec} never fired: that rank never reached that phase of "

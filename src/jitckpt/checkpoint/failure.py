@@ -17,6 +17,7 @@ exit that is recovered from without restarting this process.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import traceback
@@ -32,6 +33,7 @@ from jitckpt import protocol
 from jitckpt.detect.watchdog import read_suspects
 from jitckpt.errors import CheckpointError, InjectedFault, RunDirError, UsageError, exit_fatal
 from jitckpt.events import EventLog
+from jitckpt.storage.rundir import worker_log
 from jitckpt.tracker import StepTracker
 
 # How long a hang detector may spend reading heartbeats to name suspects
@@ -141,13 +143,45 @@ class FailurePath:
         if not self.ready:
             self._previous_excepthook(exc_type, exc, tb)
             return
-        traceback.print_exception(exc_type, exc, tb)
         cause = classify_exception(exc)
+        if cause == "collective_error":
+            self._report_collective_error(exc_type, exc, tb)
+        else:
+            traceback.print_exception(exc_type, exc, tb)
         self.fail(
             cause,
             f"{exc_type.__name__}: {exc}",
             protocol.EXIT_AFTER_FAILURE,
             on_main_thread=True,
+        )
+
+    def _report_collective_error(
+        self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        """A collective that failed because a peer died is the expected
+        echo of that failure on every survivor, not a failure of its own:
+        one line on the console, the traceback in the worker's log."""
+        assert self.events is not None
+        where = worker_log(
+            Path(self.events.path).parent, self.events.fields.get("attempt"), self.rank
+        )
+        try:
+            where.parent.mkdir(exist_ok=True)
+            with open(where, "a") as log:
+                traceback.print_exception(exc_type, exc, tb, file=log)
+        except OSError:
+            traceback.print_exception(exc_type, exc, tb)  # the console, then
+            return
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        # gloo's messages start with its source location and end in advice
+        # meant for the reader of a traceback: keep what happened.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
+        print(
+            f"jitckpt: rank {self.rank}: a collective failed, as it does when a peer fails "
+            f"({exc_type.__name__}: {first[:160]}); saving the last completed step; "
+            f"details in {where}",
+            file=sys.stderr,
+            flush=True,
         )
 
     def on_signal(self, signum: int) -> None:

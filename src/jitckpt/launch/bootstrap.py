@@ -16,15 +16,26 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import warnings
 
 from jitckpt import process_exit
 from jitckpt.detect import signals
 from jitckpt.launch import adopt
 
+# Third-party warnings every worker would print on every start, that say
+# nothing about the user's job: the console of a 4-rank job carried 4 copies
+# per attempt. Matched exactly, so any other warning still shows.
+KNOWN_NOISE = (
+    # torchdata's StatefulDataLoader calls torch.set_vital, deprecated in torch 2.13.
+    (UserWarning, r"'set_vital' is deprecated"),
+)
+
 
 def main(argv: list[str]) -> None:
     signals.install()
     adopt.install()
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     try:
         _run(argv)
     except SystemExit as exc:

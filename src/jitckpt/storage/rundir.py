@@ -18,6 +18,14 @@ from jitckpt.errors import RunDirError
 
 PRIVATE_DIR = ".jitckpt"
 RUN_FILE = "run.json"
+# Worker-side detail the console does not need (a survivor's traceback of
+# the collective its dead peer broke): one file per attempt and rank.
+LOGS_DIR = "logs"
+
+
+def worker_log(run_dir: str | os.PathLike[str], attempt: object, rank: object) -> Path:
+    """Where a worker of ``attempt`` and ``rank`` writes its detail."""
+    return Path(run_dir) / LOGS_DIR / f"attempt-{attempt}-rank-{rank}.log"
 
 
 def prepare_run_dir(run_dir: str | os.PathLike[str]) -> Path:
