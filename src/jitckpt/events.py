@@ -104,6 +104,10 @@ STAGING_FULL = _event(
     "shared memory was full: the JIT checkpoint is written to the run directory instead",
 )  # fmt: skip
 SAVE_SKIPPED = _event("save_skipped", "worker", "reason", "no clean state to save, and why")
+RERUN_OF_FINISHED = _event(
+    "rerun_of_finished", "worker", "step total finished_step",
+    "a job resumed a run directory whose run had finished before: it trains again from its checkpoint",
+)  # fmt: skip
 LOOP_NOT_TRACKED = _event(
     "loop_not_tracked", "worker", "fix",
     "the optimizer stepped before the loop entered ckpt.steps(): no step is tracked, so no JIT checkpoint can be taken",

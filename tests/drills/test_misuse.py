@@ -135,3 +135,20 @@ def test_a_plain_init_process_group_is_adopted_and_survives_a_failure(
     assert len(failed) == 1, show(launch)
     final = final_lines(launch.output)
     assert final == expected and final, show(launch)
+
+
+def test_the_same_command_on_a_finished_run_directory_says_so(tmp_path: Path) -> None:
+    """Re-running a finished run resumes its newest checkpoint (here a
+    manual save of step 2) and trains again from it: said, with what to do,
+    instead of a silent second run."""
+    from jobs import TINY
+
+    args = [str(TINY), "--run-dir", str(tmp_path / "run"), "--steps", "4", "--save-at", "2"]
+    first = jitckpt_run(*args, nproc=2)
+    assert first.returncode == 0, show(first)
+    assert "had finished" not in first.output, show(first)
+    again = jitckpt_run(*args, nproc=2)
+    assert again.returncode == 0, show(again)
+    said = "had finished (4 steps); this job resumes its checkpoint of step 2: steps 2..3 are trained again"
+    assert said in again.output, show(again)
+    assert "use a new --run-dir" in again.output, show(again)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -42,7 +43,7 @@ from jitckpt.checkpoint.layout import Layout, layout_for
 from jitckpt.checkpoint.restorer import Restorer
 from jitckpt.detect import signals
 from jitckpt.detect.watchdog import Heartbeat, Watchdog
-from jitckpt.events import EventLog
+from jitckpt.events import EventLog, read_events
 from jitckpt.inject import Injector, parse_specs
 from jitckpt.inprocess import join
 from jitckpt.inprocess.graveyard import resource_counts
@@ -291,6 +292,8 @@ class JitCheckpoint:
         """Iterate the step indices ``start_step .. total-1``, marking each step
         boundary (the points where the state is complete)."""
         step = self.start_step
+        if self._resumed:
+            self._say_if_finished_before(total)
         self.watchdog.start()
         if self.heartbeat is not None:
             self.heartbeat.start()
@@ -324,6 +327,38 @@ class JitCheckpoint:
         control = protocol.ControlDir.from_env()
         if control is not None:
             control.mark_finished(os.environ.get(protocol.LOCAL_RANK_ENV, str(self.ctx.rank)))
+
+    def _say_if_finished_before(self, total: int) -> None:
+        # The same command on a run directory whose run finished resumes its
+        # newest checkpoint (which may be far from the end: a JIT save of an
+        # old failure) and trains again from there. Say so, and what to do.
+        events = self.ctx.events
+        finished = [
+            e
+            for e in read_events(self.ctx.run_dir)
+            if e["event"] == ev.FINISH and e.get("launch") != events.fields.get("launch")
+        ]
+        if not finished:
+            return
+        finished_step = max(int(e.get("step", 0)) for e in finished)
+        if total > self.start_step >= finished_step:
+            return  # training a finished run for longer: nothing is redone
+        events.emit(
+            ev.RERUN_OF_FINISHED, step=self.start_step, total=total, finished_step=finished_step
+        )
+        if self.ctx.rank == 0:
+            work = (
+                "nothing to train"
+                if self.start_step >= total
+                else f"steps {self.start_step}..{total - 1} are trained again"
+            )
+            print(
+                f"jitckpt: the run in {self.ctx.run_dir} had finished ({finished_step} steps); "
+                f"this job resumes its checkpoint of step {self.start_step}: {work}. To start "
+                f"a new run, use a new --run-dir (or move this one away).",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _stop_watching(self) -> None:
         self.watchdog.stop()
