@@ -21,8 +21,11 @@ optimizer, and blocks in ``JitCheckpoint`` until the agent assigns it a rank
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import select
+import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -34,6 +37,30 @@ from torch.distributed.elastic.multiprocessing.api import PContext, RunProcsResu
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from jitckpt import compat, protocol
+
+# Each worker has a process context of its own, so elastic's line for a
+# failed context ("failed (exitcode: -9) local_rank: 0 (pid: ...)") names
+# local rank 0 for every worker. WorkerProcesses.poll says it with the
+# worker's real rank instead, and this filter drops elastic's.
+_ELASTIC_API_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+
+class _OwnContextFailureLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode")
+
+
+_QUIET = _OwnContextFailureLine()
+
+
+def describe_exit(exitcode: int) -> str:
+    """An exit status as a person reads it: 'killed by SIGKILL', 'exit status 1'."""
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
 
 
 @dataclass
@@ -53,6 +80,7 @@ class WorkerProcesses:
     """
 
     def __init__(self, launch: dict[str, Any], spares: int) -> None:
+        logging.getLogger(_ELASTIC_API_LOGGER).addFilter(_QUIET)
         self._launch = launch
         self._serial = itertools.count()
         self._tag = uuid.uuid4().hex[:8]
@@ -161,6 +189,13 @@ class WorkerProcesses:
                 self.failed_after_finish[local_rank] = next(iter(result.failures.values()))
             else:
                 failures[local_rank] = next(iter(result.failures.values()))
+        for local_rank, failure in sorted(failures.items()):
+            rank = self.envs[local_rank].get(protocol.RANK_ENV, f"local {local_rank}")
+            print(
+                f"jitckpt: rank {rank} (pid {failure.pid}) {describe_exit(failure.exitcode)}",
+                file=sys.stderr,
+                flush=True,
+            )
         return failures
 
     def wait_for_exit(self, timeout: float) -> None:
@@ -207,6 +242,7 @@ class WorkerProcesses:
         return handlers
 
     def close(self, death_sig: Any = None, timeout: int = 30) -> None:
+        logging.getLogger(_ELASTIC_API_LOGGER).removeFilter(_QUIET)
         for fd in self._pidfds.values():
             os.close(fd)
         self._pidfds = {}
