@@ -40,12 +40,13 @@ from jitckpt.launch import adopt
 {before}
 adopt.install()
 import torch.distributed as dist
-from torch.distributed import distributed_c10d
+from torch.distributed import distributed_c10d, device_mesh
 calls = []
 import jitckpt.distributed
 jitckpt.distributed.init_process_group = lambda backend, **kw: calls.append((backend, kw))
 print(getattr(dist.init_process_group, adopt.ADOPTED_MARK, False),
-      distributed_c10d.init_process_group is dist.init_process_group)
+      distributed_c10d.init_process_group is dist.init_process_group,
+      device_mesh.init_process_group is dist.init_process_group)
 dist.init_process_group("gloo")
 print(calls)
 # A call with its own store goes to torch's own function, untouched.
@@ -67,6 +68,8 @@ def test_the_plain_call_builds_jitckpts_group(torch_first: bool) -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "True True", done.stdout
+    # torch.distributed, the defining module and device_mesh's own copy
+    # (init_device_mesh makes the group through it when none exists).
+    assert lines[0] == "True True True", done.stdout
     assert lines[1] == "[('gloo', {'timeout': None})]", done.stdout
     assert lines[2] == "1 1", done.stdout

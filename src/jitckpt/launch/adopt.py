@@ -32,8 +32,6 @@ from types import ModuleType
 from typing import Any
 
 TARGET = "torch.distributed"
-# The module that defines init_process_group (torch.distributed re-exports it).
-DEFINING_MODULE = "torch.distributed.distributed_c10d"
 ADOPTED_MARK = "_jitckpt_adopts"
 
 
@@ -116,9 +114,12 @@ def _patch(module: ModuleType) -> None:
     init_process_group.__doc__ = original.__doc__
     setattr(init_process_group, ADOPTED_MARK, True)
     module.init_process_group = init_process_group  # type: ignore[attr-defined]
-    defining = sys.modules.get(DEFINING_MODULE)
-    if defining is not None and getattr(defining, "init_process_group", None) is original:
-        defining.init_process_group = init_process_group  # type: ignore[attr-defined]
+    # Modules that imported the function by name hold their own reference
+    # (distributed_c10d defines it; device_mesh calls its copy when a mesh is
+    # made before any group): replace every copy of the original.
+    for name, other in list(sys.modules.items()):
+        if name.startswith(TARGET + ".") and getattr(other, "init_process_group", None) is original:
+            other.init_process_group = init_process_group  # type: ignore[attr-defined]
 
 
 def _destroy_at_exit(module: ModuleType, unsafe: Callable[[], bool]) -> None:
