@@ -206,7 +206,15 @@ class InProcessRecovery:
         """At the end of training, before anything stops: wait for the
         graveyard to drop what it holds, then count this process's threads
         and fds (compare with the ``resources`` event at the start)."""
+        deadline = time.monotonic() + timeout
         released = self._graveyard.join(timeout)
+        # An abandoned call ends (with an error) once its peers drop the old
+        # group, about RELEASE_DELAY_S after the recovery; until then its
+        # future pins that group and its threads. Wait for them, then let go.
+        while self.unsafe_to_finalize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._cond:
+            self._abandoned = [f for f in self._abandoned if not f.done()]
         return {**resource_counts(), "graveyard_left": 0 if released else len(self._graveyard)}
 
     def stop(self, join_timeout: float = 2.0) -> None:
