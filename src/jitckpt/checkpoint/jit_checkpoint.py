@@ -43,7 +43,7 @@ from jitckpt.checkpoint.layout import Layout, layout_for
 from jitckpt.checkpoint.restorer import Restorer
 from jitckpt.detect import signals
 from jitckpt.detect.watchdog import Heartbeat, Watchdog
-from jitckpt.events import EventLog, read_events
+from jitckpt.events import EventLog
 from jitckpt.inject import Injector, parse_specs
 from jitckpt.inprocess import join
 from jitckpt.inprocess.graveyard import resource_counts
@@ -53,7 +53,7 @@ from jitckpt.state.buffers import BufferSnapshots
 from jitckpt.state.data import DataPosition
 from jitckpt.state.training import Stateful, TrainingState
 from jitckpt.storage.directory import run_storage
-from jitckpt.storage.rundir import prepare_run_dir, run_id
+from jitckpt.storage.rundir import prepare_run_dir, read_finished, record_finished, run_id
 from jitckpt.storage.staging import Staging, resolve_stage_dir
 from jitckpt.tracker import StepTracker
 
@@ -323,6 +323,9 @@ class JitCheckpoint:
         self.ctx.events.emit(
             ev.FINISH, step=total, median_step_s=self.ctx.tracker.median_step_time(), **resources
         )
+        if self.ctx.rank == 0:
+            with contextlib.suppress(OSError):  # only a later message depends on it
+                record_finished(self.ctx.run_dir, total, os.environ.get(protocol.CONTROL_DIR_ENV))
         # A failure from here on is no training failure (protocol.ControlDir).
         control = protocol.ControlDir.from_env()
         if control is not None:
@@ -332,33 +335,32 @@ class JitCheckpoint:
         # The same command on a run directory whose run finished resumes its
         # newest checkpoint (which may be far from the end: a JIT save of an
         # old failure) and trains again from there. Say so, and what to do.
-        events = self.ctx.events
-        finished = [
-            e
-            for e in read_events(self.ctx.run_dir)
-            if e["event"] == ev.FINISH and e.get("launch") != events.fields.get("launch")
-        ]
-        if not finished:
+        # Rank 0 only: it alone recorded the end (a file of a few bytes).
+        if self.ctx.rank != 0:
             return
-        finished_step = max(int(e.get("step", 0)) for e in finished)
+        finished = read_finished(self.ctx.run_dir)
+        if finished is None:
+            return
+        finished_step, launch = finished
+        if launch is not None and launch == os.environ.get(protocol.CONTROL_DIR_ENV):
+            return  # this very launch finished it (not a re-run)
         if total > self.start_step >= finished_step:
-            return  # training a finished run for longer: nothing is redone
-        events.emit(
+            return  # training a finished run for longer from its end: nothing is redone
+        self.ctx.events.emit(
             ev.RERUN_OF_FINISHED, step=self.start_step, total=total, finished_step=finished_step
         )
-        if self.ctx.rank == 0:
-            work = (
-                "nothing to train"
-                if self.start_step >= total
-                else f"steps {self.start_step}..{total - 1} are trained again"
-            )
-            print(
-                f"jitckpt: the run in {self.ctx.run_dir} had finished ({finished_step} steps); "
-                f"this job resumes its checkpoint of step {self.start_step}: {work}. To start "
-                f"a new run, use a new --run-dir (or move this one away).",
-                file=sys.stderr,
-                flush=True,
-            )
+        work = (
+            "nothing to train"
+            if self.start_step >= total
+            else f"steps {self.start_step}..{total - 1} are trained again"
+        )
+        print(
+            f"jitckpt: the run in {self.ctx.run_dir} had finished ({finished_step} steps); "
+            f"this job resumes its checkpoint of step {self.start_step}: {work}. To start "
+            f"a new run, use a new --run-dir (or move this one away).",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _stop_watching(self) -> None:
         self.watchdog.stop()

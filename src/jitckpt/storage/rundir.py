@@ -23,6 +23,33 @@ RUN_FILE = "run.json"
 LOGS_DIR = "logs"
 
 
+# Written by rank 0 when a run's training loop completes: which launch
+# finished it at which step (a later launch that resumes the run says so).
+FINISHED_FILE = "finished.json"
+
+
+def record_finished(run_dir: str | os.PathLike[str], step: int, launch: str | None) -> None:
+    """Mark the run finished at ``step`` by ``launch`` (written whole)."""
+    private = Path(run_dir) / PRIVATE_DIR
+    private.mkdir(exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=private, prefix=".finished-", delete=False) as tmp:
+        json.dump({"step": step, "launch": launch}, tmp)
+    os.replace(tmp.name, private / FINISHED_FILE)
+
+
+def read_finished(run_dir: str | os.PathLike[str]) -> tuple[int, str | None] | None:
+    """(step, launch) of the run's completion, or None (not finished, or a
+    marker that does not parse: it only feeds a message)."""
+    try:
+        data = json.loads((Path(run_dir) / PRIVATE_DIR / FINISHED_FILE).read_text())
+        step, launch = data["step"], data.get("launch")
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(launch, str | None):
+        return None
+    return step, launch
+
+
 def worker_log(run_dir: str | os.PathLike[str], attempt: object, rank: object) -> Path:
     """Where a worker of ``attempt`` and ``rank`` writes its detail."""
     return Path(run_dir) / LOGS_DIR / f"attempt-{attempt}-rank-{rank}.log"
