@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from jitckpt.checkpoint.failure import classify_exception, describe_suspects
+from jitckpt.checkpoint.failure import classify_exception, describe_suspects, peer_lost
 from jitckpt.errors import InjectedFault
 
 
@@ -60,3 +60,26 @@ def test_a_poisoned_cuda_context_needs_a_new_process(message: str) -> None:
 def test_suspects_are_named_in_rank_order() -> None:
     assert describe_suspects({3: "hung", 1: "dead"}) == "rank 1 dead, rank 3 hung"
     assert describe_suspects({}) == "none named"
+
+
+@pytest.mark.parametrize(
+    ("message", "lost"),
+    [
+        ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:26267", True),
+        (
+            "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1442: Connection reset by peer",
+            True,
+        ),
+        ("[../gloo/transport/tcp/pair.cc:589] Write error: Broken pipe", True),
+        # The script's own collective bug: its traceback stays on the console.
+        (
+            "[enforce fail at ../gloo/transport/tcp/pair.cc:446] op.preamble.length <= op.nbytes",
+            False,
+        ),
+        ("Timed out waiting 1800000ms for recv operation to complete (gloo)", False),
+    ],
+)
+def test_only_a_lost_peer_sends_the_traceback_to_the_worker_log(message: str, lost: bool) -> None:
+    exc = RuntimeError(message)
+    assert classify_exception(exc) == "collective_error"
+    assert peer_lost(exc) is lost

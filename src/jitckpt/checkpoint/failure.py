@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,18 @@ COLLECTIVE_ERROR_MARKERS = (
     "Connection reset",
     "Connection closed",
     "Broken pipe",
+)
+
+# Substrings of a collective's error that say the connection to a peer was
+# lost: the echo of that peer's failure on a survivor, whose traceback goes
+# to the worker log. Any other collective error (a size mismatch, a timeout)
+# may be the script's own, and keeps its traceback on the console.
+PEER_LOST_MARKERS = (
+    "Connection reset",
+    "Connection closed",
+    "Broken pipe",
+    "Connection refused",
+    "remote process exited",
 )
 
 # Substrings of CUDA errors that poison the process's CUDA context: every
@@ -87,6 +100,12 @@ def classify_exception(exc: BaseException) -> str:
     if isinstance(exc, RuntimeError) and any(marker in text for marker in COLLECTIVE_ERROR_MARKERS):
         return "collective_error"
     return "exception"
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a collective's error says a peer's connection was lost (the
+    expected echo of its failure), not a fault of this rank's call."""
+    return any(marker in str(exc) for marker in PEER_LOST_MARKERS)
 
 
 def describe_suspects(suspects: dict[int, str]) -> str:
@@ -144,7 +163,7 @@ class FailurePath:
             self._previous_excepthook(exc_type, exc, tb)
             return
         cause = classify_exception(exc)
-        if cause == "collective_error":
+        if cause == "collective_error" and peer_lost(exc):
             self._report_collective_error(exc_type, exc, tb)
         else:
             traceback.print_exception(exc_type, exc, tb)
@@ -168,6 +187,8 @@ class FailurePath:
         try:
             where.parent.mkdir(exist_ok=True)
             with open(where, "a") as log:
+                # Attempts restart at 0 in each launch: tell their entries apart.
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
                 traceback.print_exception(exc_type, exc, tb, file=log)
         except OSError:
             traceback.print_exception(exc_type, exc, tb)  # the console, then

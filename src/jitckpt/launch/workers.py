@@ -192,7 +192,7 @@ class WorkerProcesses:
         for local_rank, failure in sorted(failures.items()):
             rank = self.envs[local_rank].get(protocol.RANK_ENV, f"local {local_rank}")
             print(
-                f"jitckpt: rank {rank} (pid {failure.pid}) {describe_exit(failure.exitcode)}",
+                f"jitckpt: rank {rank} {describe_exit(failure.exitcode)}",
                 file=sys.stderr,
                 flush=True,
             )
