@@ -35,10 +35,12 @@ def test_demo_script_trains_fails_saves_resumes_and_summarizes(tmp_path: Path) -
     # collective the dead rank broke are in the worker logs it names.
     assert "Traceback (most recent call last)" not in out, show(launch)
     assert "UserWarning" not in out, show(launch)
-    assert "a collective failed, as it does when a peer fails" in restart, show(launch)
+    # Survivors that saw their collective break (not all do: the launcher's
+    # SIGTERM can reach a rank first) say so in one line each, and their
+    # tracebacks are in the logs the summary names.
+    broke = restart.count("a collective failed, as it does when a peer fails")
+    assert broke >= restart.count(":collective_error"), show(launch)
     logs = sorted((run_dir / "logs").glob("attempt-0-rank-*.log"))
-    assert logs and all("Traceback" in log.read_text() for log in logs), logs
-    assert (
-        f"worker detail (the tracebacks of collectives a failed peer broke): {run_dir}/logs/"
-        in restart
-    )
+    assert len(logs) == broke and all("Traceback" in log.read_text() for log in logs), logs
+    named = f"worker detail (the tracebacks of collectives a failed peer broke): {run_dir}/logs/"
+    assert (named in restart) == (broke > 0), show(launch)
