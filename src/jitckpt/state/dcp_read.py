@@ -30,9 +30,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from jitckpt.errors import CheckpointError
+from jitckpt.state.training import SAFE_REFUSAL, first_line
 
 METADATA_FILE = ".metadata"
-SAFE_REFUSAL = "refused by the safe loader (weights_only)"
 
 # (module, name) pairs the metadata of a DCP save is made of, as measured on
 # torch 2.13: the metadata dataclasses, the storage entries, torch.Size,
@@ -152,9 +152,8 @@ class SafePlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - refused or garbled
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"DCP entry {read_item.dest_index.fqn}: {SAFE_REFUSAL}: {first}"
+                f"DCP entry {read_item.dest_index.fqn}: {SAFE_REFUSAL}: {first_line(exc)}"
             ) from None
         # Handed on re-serialized from what weights_only accepted (plain values
         # and tensors): DefaultLoadPlanner's own torch.load then sees only that.

@@ -217,7 +217,8 @@ def load_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, direc
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from jitckpt.state.dcp_read import SAFE_REFUSAL, SafePlanner, SafeReader
+    from jitckpt.state.dcp_read import SafePlanner, SafeReader
+    from jitckpt.state.training import SAFE_REFUSAL
 
     state = tensor_state(model, optimizer)
     # Never DCP's own reader: it unpickles .metadata (jitckpt.state.dcp_read).

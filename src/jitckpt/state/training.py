@@ -22,6 +22,10 @@ from jitckpt.errors import CheckpointError, CheckpointMismatchError
 from jitckpt.state import archive, rng
 from jitckpt.state.archive import Archive
 
+# How a refusal by torch.load(weights_only=True) is worded (the sharded
+# reader, jitckpt.state.dcp_read, says it the same way; mesh looks for it).
+SAFE_REFUSAL = "refused by the safe loader (weights_only)"
+
 
 class Stateful(Protocol):
     def state_dict(self) -> Any: ...
@@ -224,7 +228,7 @@ def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a hole in the archive's checks
             raise CheckpointError(
                 f"{where}: the jitckpt archive could not be decoded "
-                f"({type(exc).__name__}: {_first_line(exc)})"
+                f"({type(exc).__name__}: {first_line(exc)})"
             ) from None
     else:
         try:
@@ -234,9 +238,7 @@ def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
             # stopped was refused by it; anything else was never a torch.save file.
             looks_saved = bytes(data[:4]) == b"PK\x03\x04" or bytes(data[:1]) == b"\x80"
             if isinstance(exc, pickle.UnpicklingError) and looks_saved:
-                raise CheckpointError(
-                    f"{where}: refused by the safe loader (weights_only): {_telling_line(exc)}"
-                ) from None
+                raise CheckpointError(f"{where}: {SAFE_REFUSAL}: {_telling_line(exc)}") from None
             raise CheckpointError(
                 f"{where}: neither a jitckpt archive nor a readable torch.save file "
                 f"({type(exc).__name__}: {_telling_line(exc)})"
@@ -246,7 +248,8 @@ def decode(data: bytes | bytearray, where: str) -> dict[str, Any]:
     return payload
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if empty)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -256,4 +259,4 @@ def _telling_line(exc: BaseException) -> str:
     for line in str(exc).splitlines():
         if "GLOBAL" in line or "Unsupported" in line:
             return line.strip()
-    return _first_line(exc)
+    return first_line(exc)
