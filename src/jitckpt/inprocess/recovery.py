@@ -213,8 +213,7 @@ class InProcessRecovery:
         # future pins that group and its threads. Wait for them, then let go.
         while self.unsafe_to_finalize() and time.monotonic() < deadline:
             time.sleep(0.01)
-        with self._cond:
-            self._abandoned = [f for f in self._abandoned if not f.done()]
+        self._drop_ended()
         return {**resource_counts(), "graveyard_left": 0 if released else len(self._graveyard)}
 
     def stop(self, join_timeout: float = 2.0) -> None:
@@ -300,9 +299,15 @@ class InProcessRecovery:
         jitckpt's Python callbacks and may still fail at any time (watched
         until the process ends: jitckpt.process_exit); ``leftover`` (the work
         and its buffers) goes to the graveyard."""
+        self._drop_ended()
         with self._cond:
-            self._abandoned = [f for f in self._abandoned if not f.done()] + list(futures)
+            self._abandoned += futures
         self._graveyard.keep(leftover)
+
+    def _drop_ended(self) -> None:
+        """Let go of abandoned calls that ended: a kept future pins its group."""
+        with self._cond:
+            self._abandoned = [f for f in self._abandoned if not f.done()]
 
     def unsafe_to_finalize(self) -> bool:
         """True while an abandoned call may still fail (and run a Python
