@@ -108,6 +108,8 @@ def _patch(module: ModuleType) -> None:
         # A script that never destroys its group may abort at exit while gloo
         # tears down (docs/platform.md, "A gloo group left at exit can abort
         # the process"): end it before the interpreter does, when that is safe.
+        # Once per process, however often the script makes its group.
+        atexit.unregister(_destroy_at_exit)
         atexit.register(_destroy_at_exit, module, process_exit.unsafe)
 
     init_process_group.__wrapped__ = original  # type: ignore[attr-defined]
