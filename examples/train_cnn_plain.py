@@ -1,15 +1,20 @@
 """A small CNN trained with plain DDP on synthetic images, without jitckpt.
 
-The shape of a typical vision script: convolutions with BatchNorm (buffers
-that forward updates and DDP broadcasts from rank 0), dropout, SGD with
-momentum, OneCycleLR, gradient clipping and a DistributedSampler. The same
-script as examples/train_cnn.py minus its five lines marked "# jitckpt":
+The shape of a typical vision script: an epoch loop over a plain DataLoader
+with a DistributedSampler, convolutions with BatchNorm (buffers that
+forward updates and DDP broadcasts from rank 0), dropout, SGD with
+momentum, OneCycleLR and gradient clipping. The same script as
+examples/train_cnn.py minus its lines marked "# jitckpt":
 
     torchrun --standalone --nproc-per-node 4 examples/train_cnn_plain.py
 
+Under `jitckpt run --transparent` this very script gets JIT checkpointing
+with no change at all (README, "Zero code change").
+
 --run-dir and --deterministic are accepted so both scripts take the same
 command line; they do nothing here. --digest writes the SHA-256 of the final
-model and optimizer state (torch.save of both).
+model and optimizer state. The step logged is the scheduler's count, which
+a resumed run restores with the rest of the state.
 
 Each image is a pure function of (seed, index): a class-specific pattern of
 stripes plus noise, so the network learns it within a few hundred steps.
@@ -17,15 +22,13 @@ stripes plus noise, so the network learns it within a few hundred steps.
 
 import argparse
 import hashlib
-import io
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import Dataset, DistributedSampler
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class StripedImages(Dataset):
@@ -73,16 +76,33 @@ class SmallCNN(nn.Module):
         return self.head(self.features(images))
 
 
-def endless(loader):
-    """Batches across epochs; the epoch lives in the sampler."""
-    while True:
-        yield from loader
-        loader.sampler.set_epoch(loader.sampler.epoch + 1)
+def state_sha256(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """SHA-256 of the model's and the optimizer's state: every tensor's bytes
+    and every other value, in key order (torch.save's bytes would also
+    depend on which Python objects the state shares)."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(value.detach().contiguous().numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    feed({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    return digest.hexdigest()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8192, help="images in the data set")
     parser.add_argument("--run-dir", default="runs/cnn")
     parser.add_argument(
         "--digest", default=None, help="rank 0 writes the SHA-256 of the final state here"
@@ -98,37 +118,39 @@ def main() -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
 
-    dataset = StripedImages(size=8192)
+    dataset = StripedImages(size=args.samples)
     sampler = DistributedSampler(dataset, shuffle=True, seed=0)
-    loader = StatefulDataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
     model = DDP(SmallCNN())
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.25
+        optimizer, max_lr=args.lr, total_steps=args.epochs * len(loader), pct_start=0.25
     )
-    batches = endless(loader)
 
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())
         print(f"CNN with {params / 1e3:.0f}k parameters, {dist.get_world_size()} ranks", flush=True)
-    for step in range(args.steps):
-        images, labels = next(batches)
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), max_norm=2.0)
-        optimizer.step()
-        scheduler.step()
-        if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
-            print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm=2.0)
+            optimizer.step()
+            scheduler.step()
+            step = scheduler.last_epoch - 1
+            if rank == 0 and (step % args.log_every == 0 or step == scheduler.total_steps - 1):
+                print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
+        if rank == 0:
+            print(f"epoch {epoch} done", flush=True)
 
     if rank == 0 and args.digest:
         with open(args.digest, "w") as handle:
-            buffer = io.BytesIO()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-            handle.write(hashlib.sha256(buffer.getvalue()).hexdigest() + "\n")
+            handle.write(state_sha256(model, optimizer) + "\n")
     dist.destroy_process_group()
 
 

@@ -77,6 +77,10 @@ RESOURCES = _event(
 LOOP_LEFT = _event(
     "loop_left", "worker", "step", "the loop was left early (break, or an exception)"
 )
+TRANSPARENT_FOLLOWS = _event(
+    "transparent_follows", "worker", "model optimizer schedulers scaler loader",
+    "transparent mode found what it follows (at the first optimizer step)",
+)  # fmt: skip
 FINISH = _event(
     "finish", "worker", f"step median_step_s {_RESOURCES} graveyard_left",
     "training completed its steps",

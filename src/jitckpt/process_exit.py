@@ -72,15 +72,42 @@ def unsafe() -> bool:
     return False
 
 
-def status_of(exc: SystemExit) -> int:
+_script_end: list[Callable[[int], None]] = []
+
+
+def on_script_end(callback: Callable[[int], None]) -> None:
+    """Call ``callback(status)`` when the script run by jitckpt's bootstrap
+    has ended by itself (returned, or raised SystemExit): a loop whose end is
+    the script's end (jitckpt.checkpoint.loop) finishes there."""
+    with _lock:
+        _script_end.append(callback)
+
+
+def forget_script_end(callback: Callable[[int], None]) -> None:
+    with _lock:
+        if callback in _script_end:
+            _script_end.remove(callback)
+
+
+def script_ended(status: int) -> None:
+    """The bootstrap's call: the script ended with ``status``."""
+    with _lock:
+        callbacks = list(_script_end)
+        _script_end.clear()
+    for callback in callbacks:
+        callback(status)
+
+
+def status_of(exc: SystemExit, *, quiet: bool = False) -> int:
     """The exit status Python gives ``SystemExit(code)`` (printing a
-    non-integer code to stderr, as Python does)."""
+    non-integer code to stderr, as Python does, unless ``quiet``)."""
     code = exc.code
     if code is None:
         return 0
     if isinstance(code, int):
         return code & 0xFF
-    print(code, file=sys.stderr)
+    if not quiet:
+        print(code, file=sys.stderr)
     return 1
 
 

@@ -63,6 +63,11 @@ SPARE_ID_ENV = "JITCKPT_SPARE_ID"
 JOIN_GENERATION_ENV = "JITCKPT_JOIN_GENERATION"
 # The warm pool's socket (jitckpt.launch.warmpool).
 WARMPOOL_SOCKET_ENV = "JITCKPT_WARMPOOL_SOCKET"
+# Transparent mode (`jitckpt run --transparent --run-dir DIR [--deterministic]`):
+# the run directory it checkpoints to, and "1" for deterministic mode
+# (jitckpt.checkpoint.transparent).
+TRANSPARENT_RUN_DIR_ENV = "JITCKPT_TRANSPARENT_RUN_DIR"
+DETERMINISTIC_ENV = "JITCKPT_DETERMINISTIC"
 
 ROLE_WORKER = "worker"  # an ordinary worker (the default)
 ROLE_SPARE = "spare"  # a hot spare waiting for an assignment

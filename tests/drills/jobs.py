@@ -236,16 +236,29 @@ def check_in_process(
 
 
 CNN = REPO / "examples" / "train_cnn.py"
-# The CNN drills: 4 ranks, deterministic mode, this many steps.
+CNN_PLAIN = REPO / "examples" / "train_cnn_plain.py"
+# The CNN drills: 4 ranks, deterministic mode, 3 epochs of 4 batches per
+# rank (512 images, batch 32): 12 steps, epoch boundaries after steps 3 and 7.
 CNN_STEPS = 12
+CNN_DATA = ("--epochs", "3", "--samples", "512")
 
 
-def cnn_args(run_dir: Path, digest: Path, steps: int = CNN_STEPS) -> list[str]:
-    """The CNN example (BatchNorm, dropout, SGD, OneCycleLR, clipping) in
-    deterministic mode, logging every step."""
+def cnn_args(run_dir: Path, digest: Path) -> list[str]:
+    """The CNN example (an epoch loop over a plain DataLoader; BatchNorm,
+    dropout, SGD, OneCycleLR, clipping) in deterministic mode, logging every
+    step."""
     return [
-        str(CNN), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
+        str(CNN), *CNN_DATA, "--run-dir", str(run_dir), "--digest", str(digest),
         "--log-every", "1", "--deterministic",
+    ]  # fmt: skip
+
+
+def transparent_args(run_dir: Path, digest: Path) -> list[str]:
+    """The CNN example's plain twin, unchanged, under ``--transparent
+    --deterministic``: the same training as :func:`cnn_args`."""
+    return [
+        "--transparent", "--run-dir", str(run_dir), "--deterministic",
+        str(CNN_PLAIN), *CNN_DATA, "--digest", str(digest), "--log-every", "1",
     ]  # fmt: skip
 
 

@@ -45,7 +45,8 @@ def test_a_loop_outside_ckpt_steps_is_warned_about_and_its_inject_said_never_fir
     assert f"injected fault {spec} never fired" in launch.output, show(launch)
 
 
-# Integrated, but handing JitCheckpoint a plain DataLoader.
+# Integrated, but looping over a plain DataLoader with ckpt.steps(), which
+# cannot know the loader's position (ckpt.batches(loader) can).
 PLAIN_LOADER = """
 import sys
 import torch
@@ -57,6 +58,8 @@ model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 loader = DataLoader(list(range(8)), batch_size=2)
 ckpt = jitckpt.JitCheckpoint(sys.argv[1], model, optimizer, loader=loader)
+for step in ckpt.steps(4):
+    pass
 """
 
 
@@ -70,10 +73,13 @@ def test_an_error_no_restart_can_fix_stops_the_job_at_once_with_78(tmp_path: Pat
     script.write_text(textwrap.dedent(PLAIN_LOADER))
     launch = jitckpt_run(str(script), str(tmp_path / "run"), nproc=2)
     assert launch.returncode == EXIT_FATAL, show(launch)
+    assert "ckpt.batches(loader)" in launch.output, show(launch)
     assert "StatefulDataLoader" in launch.output, show(launch)
     # One attempt: both ranks failed once, nothing was restarted, and the
     # console does not claim otherwise.
-    assert launch.output.count("jitckpt: error: jitckpt needs a loader") == 2, show(launch)
+    assert launch.output.count("jitckpt: error: a plain DataLoader has no state_dict") == 2, show(
+        launch
+    )
     assert not [e for e in read_events(tmp_path / "run") if e["event"] == "restart_begin"]
     assert "restarting all workers" not in launch.output, show(launch)
 

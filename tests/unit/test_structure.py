@@ -135,8 +135,10 @@ ALLOWED = {
         "jitckpt.analysis.summary",
         "jitckpt.process_exit",
         # In a worker only, when the script calls init_process_group
-        # (launch.adopt): the group is jitckpt's.
+        # (launch.adopt): the group is jitckpt's, and under --transparent
+        # the script's objects are followed from there.
         "jitckpt.distributed",
+        "jitckpt.checkpoint.transparent",
         "jitckpt.storage.staging",
     ),
     "jitckpt.inprocess": (

@@ -112,8 +112,9 @@ class LoopHooks:
         self._warned_untracked = True
         self.ctx.events.warn(
             ev.LOOP_NOT_TRACKED,
-            fix="iterate the training loop with `for step in ckpt.steps(total_steps):` "
-            "(README, 'The change to a training script'); without it no JIT checkpoint can be taken",
+            fix="iterate the training loop with `for step in ckpt.steps(total_steps):`, or "
+            "its batches with `for batch in ckpt.batches(loader):` (README, 'The change to a "
+            "training script'); without it no JIT checkpoint can be taken",
         )
 
     def _reseed_forward(self, *_: Any) -> None:

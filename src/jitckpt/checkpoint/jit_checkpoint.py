@@ -40,9 +40,11 @@ from jitckpt.checkpoint.failure import FailurePath
 from jitckpt.checkpoint.gpu import on_cuda
 from jitckpt.checkpoint.hooks import LoopHooks
 from jitckpt.checkpoint.layout import Layout, layout_for
+from jitckpt.checkpoint.loop import PASS_STREAM, BatchLoop
 from jitckpt.checkpoint.restorer import Restorer
 from jitckpt.detect import signals
 from jitckpt.detect.watchdog import Heartbeat, Watchdog
+from jitckpt.errors import UsageError
 from jitckpt.events import EventLog
 from jitckpt.inject import Injector, parse_specs
 from jitckpt.inprocess import join
@@ -51,6 +53,7 @@ from jitckpt.inprocess.recovery import InProcessRecovery, applies
 from jitckpt.state import rng
 from jitckpt.state.buffers import BufferSnapshots
 from jitckpt.state.data import DataPosition
+from jitckpt.state.passes import PassPosition
 from jitckpt.state.training import Stateful, TrainingState
 from jitckpt.storage.directory import run_storage
 from jitckpt.storage.rundir import prepare_run_dir, read_finished, record_finished, run_id
@@ -149,6 +152,7 @@ class JitCheckpoint:
         else:
             self.start_step = self.restorer.restore()
         self._resumed = self._joining is None and self.start_step > 0
+        self._loop: BatchLoop | None = None
         if self.recovery is not None:
             self.recovery.start()
         self.layout.start_periodic(save_every, save_every_s, keep_periodic)
@@ -198,7 +202,7 @@ class JitCheckpoint:
             pid=os.getpid(),
         )
         tracker = StepTracker()
-        data = DataPosition(loader) if loader is not None else None
+        data = data_position(loader)
         state = TrainingState(model, optimizer, scheduler, scaler, data, dict(extras or {}))
         buffers = BufferSnapshots(model, lambda: tracker.position().in_progress)
         state.saved_buffers = lambda step, rank: buffers.for_step(step, rank)[0]
@@ -291,12 +295,16 @@ class JitCheckpoint:
     def steps(self, total: int) -> Iterator[int]:
         """Iterate the step indices ``start_step .. total-1``, marking each step
         boundary (the points where the state is complete)."""
+        if isinstance(self.ctx.state.data, PassPosition):
+            raise UsageError(
+                "a plain DataLoader has no state_dict(), so its position is followed through "
+                "the loop over it: write `for batch in ckpt.batches(loader):` (and `for epoch in "
+                "ckpt.epochs(total_epochs):`) instead of ckpt.steps(), or use "
+                "torchdata.stateful_dataloader.StatefulDataLoader (a drop-in for DataLoader) "
+                "with ckpt.steps()."
+            )
         step = self.start_step
-        if self._resumed:
-            self._say_if_finished_before(total)
-        self.watchdog.start()
-        if self.heartbeat is not None:
-            self.heartbeat.start()
+        self._start_loop(total)
         try:
             while step < total:
                 self._boundary(step)
@@ -311,6 +319,58 @@ class JitCheckpoint:
             self._stop_watching()
             self.ctx.events.emit(ev.LOOP_LEFT, step=step)
             raise
+        self._finish(total)
+
+    def epochs(self, total: int) -> Iterator[int]:
+        """Iterate the epochs ``resumed epoch .. total-1`` of a loop over a
+        plain DataLoader (replaces ``range(total)``); inside, iterate the
+        loader through :meth:`batches`. Training ends with the last epoch."""
+        return self._batch_loop().epochs(total)
+
+    def batches(self, loader: Any) -> Iterator[Any]:
+        """One pass over ``loader`` (replaces ``loader`` in ``for batch in
+        loader``): the step boundaries of the loop are taken before each
+        batch is drawn (jitckpt.checkpoint.loop), and a resume skips the
+        batches the saved step had consumed without loading them. The
+        loader must be the one given to JitCheckpoint(loader=...)."""
+        loop = self._batch_loop()
+        position = loop.position
+        if position.loader is not None and position.loader is not loader:
+            raise UsageError(
+                "ckpt.batches() iterates the training loader given to JitCheckpoint(loader=...); "
+                "iterate other loaders (evaluation) directly."
+            )
+        return loop.batches(loader)
+
+    def _batch_loop(self) -> BatchLoop:
+        if self._loop is None:
+            position = self.ctx.state.data
+            if not isinstance(position, PassPosition):
+                raise UsageError(
+                    "ckpt.batches()/ckpt.epochs() need the plain DataLoader they iterate: pass it "
+                    "as JitCheckpoint(..., loader=loader). A StatefulDataLoader keeps its own "
+                    "position: loop over it with ckpt.steps()."
+                )
+            ctx = self.ctx
+            reseed = (
+                (lambda index: rng.reseed(ctx.seed, index, ctx.rank, stream=PASS_STREAM))
+                if ctx.deterministic
+                else None
+            )
+            self._loop = BatchLoop(self, position, ctx.tracker, self.watchdog, reseed)
+        return self._loop
+
+    def _start_loop(self, total: int | None) -> None:
+        """The training loop begins: say whether it redoes a finished run,
+        then start watching for hangs and peers."""
+        if self._resumed:
+            self._say_if_finished_before(total)
+        self.watchdog.start()
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+
+    def _finish(self, total: int) -> None:
+        """Training completed ``total`` steps."""
         # Resources after every recovery's leftovers are dropped, counted
         # before the side threads stop (as the baseline was).
         resources = self.recovery.settle() if self.recovery is not None else {}
@@ -331,7 +391,7 @@ class JitCheckpoint:
         if control is not None:
             control.mark_finished(os.environ.get(protocol.LOCAL_RANK_ENV, str(self.ctx.rank)))
 
-    def _say_if_finished_before(self, total: int) -> None:
+    def _say_if_finished_before(self, total: int | None) -> None:
         # The same command on a run directory whose run finished resumes its
         # newest checkpoint (which may be far from the end: a JIT save of an
         # old failure) and trains again from there. Say so, and what to do.
@@ -344,16 +404,17 @@ class JitCheckpoint:
         finished_step, launch = finished
         if launch is not None and launch == os.environ.get(protocol.CONTROL_DIR_ENV):
             return  # this very launch finished it (not a re-run)
-        if total > self.start_step >= finished_step:
+        if self.start_step >= finished_step and (total is None or total > self.start_step):
             return  # training a finished run for longer from its end: nothing is redone
         self.ctx.events.emit(
             ev.RERUN_OF_FINISHED, step=self.start_step, total=total, finished_step=finished_step
         )
-        work = (
-            "nothing to train"
-            if self.start_step >= total
-            else f"steps {self.start_step}..{total - 1} are trained again"
-        )
+        if total is None:  # an epoch loop: its end is in epochs, not steps
+            work = f"training goes on from step {self.start_step}"
+        elif self.start_step >= total:
+            work = "nothing to train"
+        else:
+            work = f"steps {self.start_step}..{total - 1} are trained again"
         print(
             f"jitckpt: the run in {self.ctx.run_dir} had finished ({finished_step} steps); "
             f"this job resumes its checkpoint of step {self.start_step}: {work}. To start "
@@ -442,6 +503,19 @@ class JitCheckpoint:
             signal_mechanism=signals.mechanism(),
             joined=self._joining is not None,
         )
+
+
+def data_position(loader: Any) -> DataPosition | PassPosition | None:
+    """How the position of ``loader`` is kept: its own state_dict()
+    (StatefulDataLoader), or the pass and batches consumed (a plain
+    DataLoader, looped over with ckpt.batches())."""
+    if loader is None:
+        return None
+    if isinstance(loader, PassPosition):
+        return loader
+    if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
+        return DataPosition(loader)
+    return PassPosition(loader)
 
 
 def _adopt_rank(loader: Any, rank: int) -> None:

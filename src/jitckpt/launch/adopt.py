@@ -26,6 +26,7 @@ import atexit
 import importlib.abc
 import importlib.machinery
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -33,6 +34,9 @@ from typing import Any
 
 TARGET = "torch.distributed"
 ADOPTED_MARK = "_jitckpt_adopts"
+# Whether an adopted call started transparent mode (the bootstrap says so
+# at the end of a script that never made such a call).
+transparent_installed = False
 
 
 def install() -> None:
@@ -105,6 +109,16 @@ def _patch(module: ModuleType) -> None:
             if arguments.get(name) is not None
         }
         jitckpt_init(arguments.get("backend"), timeout=arguments.get("timeout"), **extra)
+        from jitckpt import protocol
+
+        if os.environ.get(protocol.TRANSPARENT_RUN_DIR_ENV):
+            # `jitckpt run --transparent`: the script's objects are followed
+            # from here on (its DDP model and loaders need this group).
+            from jitckpt.checkpoint import transparent
+
+            transparent.install()
+            global transparent_installed
+            transparent_installed = True
         # A script that never destroys its group may abort at exit while gloo
         # tears down (docs/platform.md, "A gloo group left at exit can abort
         # the process"): end it before the interpreter does, when that is safe.

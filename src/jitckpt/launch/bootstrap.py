@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
     try:
         _run(argv)
     except SystemExit as exc:
+        process_exit.script_ended(process_exit.status_of(exc, quiet=True))
         if not process_exit.unsafe():
             raise
         status = process_exit.status_of(exc)
@@ -49,10 +50,29 @@ def main(argv: list[str]) -> None:
         sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
         status = 130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1
     else:
+        process_exit.script_ended(0)
+        _say_if_transparent_followed_nothing()
         if not process_exit.unsafe():
             return
         status = 0
     process_exit.end_process(status)
+
+
+def _say_if_transparent_followed_nothing() -> None:
+    from jitckpt import protocol
+
+    if not os.environ.get(protocol.TRANSPARENT_RUN_DIR_ENV) or adopt.transparent_installed:
+        return
+    if os.environ.get(protocol.RANK_ENV, "0") != "0":
+        return
+    print(
+        "jitckpt: --transparent followed nothing: the script never called "
+        "torch.distributed.init_process_group() in the form that reads the launcher's "
+        "environment (no store=, init_method None or 'env://'), so no JIT checkpoint could "
+        "be taken. Use that form, or the user-level API.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _run(argv: list[str]) -> None:

@@ -104,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
         f"{RECOVERY_DEADLINE_S:g})",
     )
     parser.add_argument(
+        "--transparent",
+        action="store_true",
+        help="JIT checkpointing for a script that was not changed: its DDP model, optimizer, "
+        "scheduler and DataLoader (with a DistributedSampler) are found as it builds them; "
+        "needs --run-dir (README, 'Zero code change')",
+    )
+    parser.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="with --transparent: the directory for checkpoints and the event log",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="with --transparent: deterministic mode (a resumed run is bitwise equal to the "
+        "uninterrupted one)",
+    )
+    parser.add_argument(
         "--recovery",
         choices=("auto", "restart"),
         default="auto",
@@ -134,6 +152,13 @@ def run(argv: list[str]) -> int:
             parser.error("--term-grace must be positive")
         if args.recovery_timeout <= 0:
             parser.error("--recovery-timeout must be positive")
+        if args.transparent and not args.run_dir:
+            parser.error("--transparent needs --run-dir DIR (where its checkpoints go)")
+        if not args.transparent and (args.run_dir or args.deterministic):
+            parser.error(
+                "--run-dir and --deterministic are options of --transparent; a script that "
+                "makes its own JitCheckpoint takes them as its own arguments (after the script)"
+            )
         if args.standalone:
             # One node: every store listens on loopback (compat.loopback_rendezvous)
             # and the workers find it there (docs/platform.md, "Where the
@@ -170,6 +195,10 @@ def run(argv: list[str]) -> int:
         os.environ[protocol.AGENT_PID_ENV] = str(os.getpid())
         if specs:
             os.environ[protocol.INJECT_ENV] = ";".join(str(spec) for spec in specs)
+        if args.transparent:
+            os.environ[protocol.TRANSPARENT_RUN_DIR_ENV] = str(Path(args.run_dir).absolute())
+            if args.deterministic:
+                os.environ[protocol.DETERMINISTIC_ENV] = "1"
         if warm and pool is None:
             # Under the environment the workers get, so that it imports torch
             # as they would (OMP_NUM_THREADS above all).

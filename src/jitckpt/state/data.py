@@ -83,6 +83,27 @@ class ElasticDistributedSampler(DistributedSampler):  # type: ignore[type-arg]
         return len(self._remaining()) // self.num_replicas
 
 
+def check_world_size(state: dict[str, Any], loader: Any, sampler: Any, where: str) -> None:
+    """Refuse a saved position of another world size that this loader
+    cannot continue (the rule in the module docstring)."""
+    saved, current = state.get("world_size"), getattr(sampler, "num_replicas", None)
+    if saved is None or current is None or saved == current:
+        return
+    if not isinstance(sampler, ElasticDistributedSampler):
+        raise CheckpointMismatchError(
+            f"checkpoint {where} was written at world size {saved}, this job has {current}, "
+            f"and the loader's {type(sampler).__name__} cannot continue an epoch at another "
+            f"world size. Use jitckpt.ElasticDistributedSampler (exact data position), or "
+            f"relaunch with {saved} ranks."
+        )
+    if state.get("batch_size") != getattr(loader, "batch_size", None):
+        raise CheckpointMismatchError(
+            f"checkpoint {where} used batch size {state.get('batch_size')} per rank, this "
+            f"loader uses {getattr(loader, 'batch_size', None)}; the data position "
+            f"rule keeps the per-rank batch size."
+        )
+
+
 class DataPosition:
     """state_dict()/load_state_dict() over a loader, its sampler's epoch and,
     with an ElasticDistributedSampler, the place in the epoch's order."""
@@ -113,22 +134,7 @@ class DataPosition:
 
     def check(self, state: dict[str, Any], where: str) -> None:
         """Refuse, before anything is loaded, a position this loader cannot take."""
-        saved, current = state.get("world_size"), self._world_size()
-        if saved is None or current is None or saved == current:
-            return
-        if not isinstance(self.sampler, ElasticDistributedSampler):
-            raise CheckpointMismatchError(
-                f"checkpoint {where} was written at world size {saved}, this job has {current}, "
-                f"and the loader's {type(self.sampler).__name__} cannot continue an epoch at another "
-                f"world size. Use jitckpt.ElasticDistributedSampler (exact data position), or "
-                f"relaunch with {saved} ranks."
-            )
-        if state.get("batch_size") != getattr(self.loader, "batch_size", None):
-            raise CheckpointMismatchError(
-                f"checkpoint {where} used batch size {state.get('batch_size')} per rank, this "
-                f"loader uses {getattr(self.loader, 'batch_size', None)}; the data position "
-                f"rule keeps the per-rank batch size."
-            )
+        check_world_size(state, self.loader, self.sampler, where)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sampler = self.sampler
