@@ -116,6 +116,14 @@ LOOP_NOT_TRACKED = _event(
     "loop_not_tracked", "worker", "fix",
     "the optimizer stepped before the loop entered ckpt.steps(): no step is tracked, so no JIT checkpoint can be taken",
 )  # fmt: skip
+EXPORTED = _event(
+    "exported", "worker", "step path duration",
+    "a JIT checkpoint was also written in a framework's own layout (jitckpt.integrations)",
+)  # fmt: skip
+EXPORT_FAILED = _event(
+    "export_failed", "worker", "step error",
+    "a JIT checkpoint could not be written in the framework's layout (jitckpt's own copy stands)",
+)  # fmt: skip
 SAVE_FAILED = _event("save_failed", "worker", "kind step error", "a save could not be written")
 SHARDS_WRITTEN = _event(
     "shards_written", "worker", "kind step duration",

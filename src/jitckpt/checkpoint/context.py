@@ -8,8 +8,10 @@ long list of constructor arguments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jitckpt.events import EventLog
 from jitckpt.inject import Injector
@@ -46,6 +48,9 @@ class RankContext:
         staging: shared-memory staging on this node, if on.
         injector: the fault injector.
         buffers: the model's buffers as the failure-free run uses them.
+        on_saved: called with (step, state tree, directory) once a JIT
+            checkpoint is written (a framework integration exports it in its
+            own layout); returns where it wrote.
     """
 
     rank: int
@@ -63,6 +68,7 @@ class RankContext:
     staging: Staging | None
     injector: Injector
     buffers: BufferSnapshots
+    on_saved: Callable[[int, Any, Path], Any] | None = None
 
     def dirty_wait(self) -> float:
         """How long a saver waits for the loop to leave its dirty window."""

@@ -26,7 +26,8 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,14 @@ class JitCheckpoint:
         stage_dir: stage JIT saves in this directory of host shared memory
             (e.g. "/dev/shm"; default: $JITCKPT_STAGE_DIR, else off) and
             persist them to run_dir in the background (see jitckpt.storage.staging).
+        on_saved, resumed_by_framework: for framework integrations
+            (jitckpt.integrations): ``on_saved(step, state, directory)`` runs
+            once a JIT checkpoint is written (to write it in the framework's
+            own layout too; ``state`` is the saved tree: model, optimizer,
+            scheduler, rng...); ``resumed_by_framework`` says the framework restored
+            the state from its own checkpoint, so nothing is loaded here and
+            the steps start where it says. Step boundaries then come from the
+            framework's step-end hook (:meth:`step_done`).
     """
 
     def __init__(
@@ -117,6 +126,8 @@ class JitCheckpoint:
         keep_periodic: int = 2,
         keep_jit: int = 2,
         stage_dir: str | os.PathLike[str] | None = None,
+        on_saved: Callable[[int, Any, Path], Any] | None = None,
+        resumed_by_framework: FrameworkResume | None = None,
     ) -> None:
         # First: an unusable run directory or checkpoint must stop the
         # restarts (exit 78) from here on.
@@ -128,6 +139,7 @@ class JitCheckpoint:
             run_dir, model, optimizer, scheduler, loader, scaler, extras, deterministic, seed,
             stage_dir,
         )  # fmt: skip
+        ctx.on_saved = on_saved
         self.failure.bind(ctx.rank, ctx.world_size, ctx.events, ctx.tracker, self._save)
         if deterministic and on_cuda(model):
             # Reseeding is not enough on a GPU: some kernels (atomics in
@@ -149,10 +161,14 @@ class JitCheckpoint:
             if self.recovery is None:
                 raise RuntimeError("a spare or replacement needs in-process recovery")
             self.start_step = self.recovery.join(self._joining)
+        elif resumed_by_framework is not None:
+            self.start_step = resumed_by_framework.step
+            resumed_by_framework.announce(ctx)
         else:
             self.start_step = self.restorer.restore()
         self._resumed = self._joining is None and self.start_step > 0
         self._loop: BatchLoop | None = None
+        self._loop_started = False
         if self.recovery is not None:
             self.recovery.start()
         self.layout.start_periodic(save_every, save_every_s, keep_periodic)
@@ -360,9 +376,25 @@ class JitCheckpoint:
             self._loop = BatchLoop(self, position, ctx.tracker, self.watchdog, reseed)
         return self._loop
 
+    def step_done(self, step: int) -> None:
+        """For integrations: ``step`` steps are complete and the state is
+        clean (the framework's step-end hook, after its optimizer and
+        scheduler steps); the first call, at the start of training, begins
+        the loop."""
+        if not self._loop_started:
+            self._start_loop(None)
+        self._boundary(step)
+
+    def finish(self, step: int) -> None:
+        """For integrations: training ended after ``step`` steps."""
+        if not self._loop_started:
+            self._start_loop(None)
+        self._finish(step)
+
     def _start_loop(self, total: int | None) -> None:
         """The training loop begins: say whether it redoes a finished run,
         then start watching for hangs and peers."""
+        self._loop_started = True
         if self._resumed:
             self._say_if_finished_before(total)
         self.watchdog.start()
@@ -503,6 +535,40 @@ class JitCheckpoint:
             signal_mechanism=signals.mechanism(),
             joined=self._joining is not None,
         )
+
+
+@dataclass(frozen=True)
+class FrameworkResume:
+    """A framework restored the state itself, from its own checkpoint (a
+    Trainer's ``checkpoint-N``): ``step`` steps done, read from ``path``;
+    ``kind`` is "jit" when jitckpt wrote that checkpoint on a failure, else
+    the framework's own ("framework")."""
+
+    step: int
+    path: str | None
+    kind: str
+
+    def announce(self, ctx: RankContext) -> None:
+        """The restore event (and rank 0's line) a jitckpt restore writes."""
+        if self.step <= 0:
+            return
+        ctx.events.emit(
+            ev.RESTORE,
+            step=self.step,
+            kind=self.kind,
+            path=self.path,
+            source="framework",
+            duration=0.0,
+            saved_world_size=None,
+            digest=None,
+        )
+        if ctx.rank == 0:
+            print(
+                f"jitckpt: resumed from step {self.step} ({self.kind} checkpoint, {self.path}, "
+                f"loaded by the framework)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def data_position(loader: Any) -> DataPosition | PassPosition | None:

@@ -121,7 +121,24 @@ class JitSaver:
             duration=time.monotonic() - started,
             digest=digest(),
         )
+        self._export(step, payload.tree, path)
         return path
+
+    def _export(self, step: int, tree: Any, path: Path) -> None:
+        """Hand the checkpoint to a framework integration (RankContext.on_saved).
+        Its failure is reported, never fatal: jitckpt's own copy stands."""
+        ctx = self.ctx
+        if ctx.on_saved is None:
+            return
+        started = time.monotonic()
+        try:
+            exported = ctx.on_saved(step, tree, path)
+        except Exception as exc:  # noqa: BLE001 - any failure of the export is reported
+            ctx.events.warn(ev.EXPORT_FAILED, step=step, error=f"{type(exc).__name__}: {exc}")
+            return
+        ctx.events.emit(
+            ev.EXPORTED, step=step, path=str(exported), duration=time.monotonic() - started
+        )
 
     def _save_point(self, step: int) -> Callable[[str], None]:
         """The write points of a JIT save: the injector's ``save`` phase."""

@@ -80,6 +80,7 @@ class Archive:
     writer can report progress (and a crash test can stop it midway)."""
 
     def __init__(self, tree: Any, to_host: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.tree = tree  # what was encoded (an integration exports it: RankContext.on_saved)
         self._entries: list[_Entry] = []
         self._to_host = to_host or (lambda t: t.detach().cpu())
         self._end = 0
