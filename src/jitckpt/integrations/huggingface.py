@@ -111,7 +111,7 @@ class JitCheckpointCallback(TrainerCallback):  # type: ignore[misc]
     def _export(self, step: int, tree: Any, saved: Path) -> Path | None:
         """Write step ``step`` (the saved ``tree``) as ``checkpoint-{step}``."""
         assert self._output_dir is not None and self.ckpt is not None
-        rank = self.ckpt.rank
+        rank, world_size = self.ckpt.rank, self.ckpt.world_size
         trainer_state = copy.deepcopy(self._state)
         trainer_state.global_step = step
         trainer_state.log_history = [
@@ -136,7 +136,7 @@ class JitCheckpointCallback(TrainerCallback):  # type: ignore[misc]
             if rng is None:  # deterministic mode reseeds instead
                 return
             state = plain_rng(rng["state"])
-            name = f"rng_state_{rank}.pth" if self.ckpt.world_size > 1 else "rng_state.pth"
+            name = f"rng_state_{rank}.pth" if world_size > 1 else "rng_state.pth"
             torch.save(
                 {"python": state["python"], "numpy": state["numpy"], "cpu": state["torch"]},
                 directory / name,
