@@ -1,0 +1,164 @@
+"""Step-time cost of the framework callbacks, in one command.
+
+    python benchmarks/integrations.py               # about 1.5 minutes on 2 cores
+    python benchmarks/integrations.py --quick       # smoke run
+    python benchmarks/integrations.py --json out.json
+
+What it measures: the wall time of a training step of the Hugging Face
+Trainer (the tiny GPT-2 of examples/train_hf.py, 2 ranks, DDP over gloo)
+with jitckpt's ``JitCheckpointCallback`` and without it, and the same for
+PyTorch Lightning (the model of examples/train_lightning.py) when lightning
+is installed. Goal: the callback adds at most 1 % to a step.
+
+How: one ``torchrun --standalone`` job of 2 ranks runs this file again with
+--worker. In every round each worker builds a fresh Trainer per mode (with
+and without the callback: the order alternates between rounds, so both
+see the same machine) and trains --steps steps; rank 0 times each step from
+the framework's step-begin to its step-end hook (a timing callback that is
+there in both modes) and keeps the median of the steps after --warmup. The
+ratio is taken per round (with / without) and summarised by its median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hf_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> float:
+    """Median step time (s) of one Trainer run, rank 0's view."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
+    from transformers import TrainingArguments
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from train_hf import SyntheticTokens
+
+    from jitckpt.integrations.huggingface import JitCheckpointCallback
+
+    class Timer(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.began = 0.0
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.times.append(time.perf_counter() - self.began)
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    timer = Timer()
+    callbacks: list[Any] = [timer]
+    if with_callback:
+        callbacks.insert(0, JitCheckpointCallback(run_dir=workdir / "jitckpt"))
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config),
+        args=TrainingArguments(
+            output_dir=str(workdir / "out"), max_steps=steps + warmup,
+            per_device_train_batch_size=2, save_strategy="no", report_to=[], use_cpu=True,
+            ddp_backend="gloo", ddp_find_unused_parameters=False, logging_steps=10_000,
+            disable_tqdm=True, seed=0,
+        ),
+        train_dataset=SyntheticTokens(4096),
+        callbacks=callbacks,
+    )  # fmt: skip
+    trainer.train()
+    return statistics.median(timer.times[warmup:])
+
+
+FRAMEWORKS = {"huggingface": hf_round}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    results: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="jitckpt-bench-integrations-") as tmp:
+        for name in args.frameworks.split(","):
+            run = FRAMEWORKS[name]
+            for index in range(args.rounds):
+                order = [False, True] if index % 2 == 0 else [True, False]
+                times = {}
+                for with_callback in order:
+                    workdir = Path(tmp) / f"{name}-{index}-{int(with_callback)}"
+                    times[with_callback] = run(with_callback, args.steps, args.warmup, workdir)
+                results.setdefault(name, []).append(
+                    {"bare_s": times[False], "callback_s": times[True]}
+                )
+    if rank == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--frameworks", default=None, help="comma-separated (default: installed)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.frameworks is None:
+        import importlib.util
+
+        args.frameworks = ",".join(
+            name
+            for name, module in (("huggingface", "transformers"), ("lightning", "lightning"))
+            if name in FRAMEWORKS and importlib.util.find_spec(module) is not None
+        )
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 2, 20, 5
+    if args.worker:
+        worker(args)
+        return
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        __file__, "--worker", "--rounds", str(args.rounds), "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--frameworks", args.frameworks,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise SystemExit(f"benchmark job failed (exit {done.returncode})")
+    results = json.loads(lines[-1].removeprefix("RESULT "))
+    summary = {}
+    for name, rounds in results.items():
+        ratios = [r["callback_s"] / r["bare_s"] for r in rounds]
+        summary[name] = {
+            "rounds": rounds,
+            "median_ratio": statistics.median(ratios),
+            "bare_ms": 1e3 * statistics.median(r["bare_s"] for r in rounds),
+            "callback_ms": 1e3 * statistics.median(r["callback_s"] for r in rounds),
+        }
+        print(
+            f"{name}: median step {summary[name]['bare_ms']:.2f} ms without the callback, "
+            f"{summary[name]['callback_ms']:.2f} ms with it; median per-round ratio "
+            f"{summary[name]['median_ratio']:.4f} over {len(rounds)} rounds "
+            f"(goal <= 1.01); ratios {', '.join(f'{r:.3f}' for r in ratios)}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
