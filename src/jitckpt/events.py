@@ -174,6 +174,10 @@ INPROC_FALLBACK = _event(
 INPROC_NOTICE = _event(
     "inproc_notice", "worker", "generation dead", "a survivor saw the agent's notice"
 )
+INPROC_WITHDRAWN = _event(
+    "inproc_withdrawn", "worker", "reason",
+    "this rank can no longer recover in process (gradient accumulation): failures take the restart path",
+)  # fmt: skip
 INPROC_RECOVERED = _event(
     "inproc_recovered", "worker",
     "generation role step dead failure_t notice_t seen_t unblocked_t reform_s transfer_s bytes",

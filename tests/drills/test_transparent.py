@@ -127,3 +127,72 @@ def test_what_it_cannot_follow_is_refused_before_training_with_78(
     assert "user-level API" in launch.output, show(launch)
     assert "trained" not in launch.output, show(launch)
     assert "restarting all workers" not in launch.output, show(launch)
+
+
+# A plain script with the habits the CNN example lacks: a peek at one batch
+# once the model is built, a scheduler made after it that steps per epoch,
+# loader worker processes that persist, an evaluation loader with its own
+# DistributedSampler after every epoch, and an all_reduce of its metric.
+HABITS = """
+import hashlib, sys
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+data = TensorDataset(torch.randn(256, 8), torch.randn(256, 1))
+held_out = TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+sampler = DistributedSampler(data, shuffle=True, seed=1)
+loader = DataLoader(data, batch_size=8, sampler=sampler, num_workers=2, persistent_workers=True)
+evaluation = DataLoader(held_out, batch_size=8, sampler=DistributedSampler(held_out, shuffle=False))
+net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1))
+model = torch.nn.parallel.DistributedDataParallel(net)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+print("batch shape", tuple(next(iter(loader))[0].shape), flush=True)
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+for epoch in range(3):
+    sampler.set_epoch(epoch)
+    model.train()
+    for x, y in loader:
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    scheduler.step()
+    model.eval()
+    with torch.no_grad():
+        error = sum(torch.nn.functional.mse_loss(model(x), y) for x, y in evaluation)
+    dist.all_reduce(error)
+digest = hashlib.sha256()
+for tensor in [*model.state_dict().values(), *optimizer.state_dict()["state"][0].values()]:
+    digest.update(tensor.numpy().tobytes())
+digest.update(repr(scheduler.state_dict()).encode())
+if dist.get_rank() == 0:
+    open(sys.argv[1], "w").write(digest.hexdigest())
+dist.destroy_process_group()
+"""
+
+
+def test_a_script_with_common_habits_resumes_bitwise_equal(tmp_path: Path) -> None:
+    """Per-epoch scheduler steps between passes (fast-forwarded epochs run
+    them again: the restored state is loaded once more at the resume point),
+    a kill on the first batch of an epoch (the boundary is taken again where
+    the pass starts), the peek (an idle pass, replayed), workers that end
+    with the job (they do not inherit jitckpt's blocked SIGTERM)."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(HABITS))
+
+    def launch(name: str, *flags: str):  # type: ignore[no-untyped-def]
+        return jitckpt_run(
+            "--transparent", "--run-dir", str(tmp_path / name), "--deterministic", *flags,
+            str(script), str(tmp_path / f"{name}.digest"),
+        )  # fmt: skip
+
+    reference = launch("ref")
+    assert reference.returncode == 0, show(reference)
+    failed = launch(
+        "run", "--recovery", "restart", "--inject", "kill@step=16,rank=2,phase=backward"
+    )
+    assert failed.returncode == 0, show(failed)
+    assert failed.resumed_steps() == [16], show(failed)
+    assert (tmp_path / "run.digest").read_text() == (tmp_path / "ref.digest").read_text()

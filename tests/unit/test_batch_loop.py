@@ -22,6 +22,7 @@ class Owner:
         self.boundaries: list[tuple[int, int, int]] = []  # (step, pass, consumed)
         self.finished: int | None = None
         self.started = 0
+        self.loaded_again = 0
 
     def _start_loop(self, total: int | None) -> None:
         self.started += 1
@@ -36,6 +37,9 @@ class Owner:
 
     def _stop_watching(self) -> None:
         pass
+
+    def _load_again(self) -> None:
+        self.loaded_again += 1
 
 
 class Watchdog:
@@ -79,6 +83,7 @@ def test_one_boundary_per_optimizer_step_and_one_when_a_pass_ends() -> None:
         assert watchdog.paused == 1  # between passes
     assert owner.boundaries == [
         (0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3),  # the last: the draw that ended pass 0
+        (3, 1, 0),  # the same step again where pass 1 starts (a per-epoch scheduler step)
         (4, 1, 1), (5, 1, 2), (6, 1, 3),
     ]  # fmt: skip
     assert owner.finished == 6 and watchdog.paused == 0 and owner.started == 1
@@ -122,3 +127,26 @@ def test_without_epochs_the_clean_end_of_the_script_finishes() -> None:
     assert owner.finished is None
     process_exit.script_ended(0)
     assert owner.finished == 4
+
+
+def test_a_fast_forward_loads_the_state_again_and_replays_idle_passes() -> None:
+    """Without ckpt.epochs() a resumed script meets its passes from the first:
+    a pass with no step (a peek at one batch) is replayed, trained passes
+    before the saved one yield nothing, and at the saved one the restored
+    state is loaded again (the script's code in between ran on it)."""
+    loop, loader, owner, tracker, _ = make(3)
+    next(iter(loop.batches(loader)))  # pass 0: a peek, no step
+    for _epoch in range(2):
+        for _batch in loop.batches(loader):
+            step(tracker)
+    saved = loop.position.state_dict()
+    assert saved["idle"] == [0] and saved["pass"] == 2
+
+    resumed, loader2, owner2, tracker2, _ = make(3, start_step=6)
+    resumed.position.load_state_dict({**saved, "pass": 2, "consumed": 1})
+    assert len(list(resumed.batches(loader2))) == 3  # the peek's pass, whole
+    assert owner2.loaded_again == 0
+    assert list(resumed.batches(loader2)) == []  # pass 1: trained, skipped
+    assert owner2.loaded_again == 0
+    assert len(list(resumed.batches(loader2))) == 2  # pass 2 from its batch 1
+    assert owner2.loaded_again == 1

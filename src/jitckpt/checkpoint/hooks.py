@@ -34,11 +34,13 @@ class LoopHooks:
         self.ctx = ctx
         self.layout = layout
         self._forwards_in_step = 0
+        self._backwards_in_step = 0
         self._warned_untracked = False
 
     def new_step(self) -> None:
         """Called at every step boundary."""
         self._forwards_in_step = 0
+        self._backwards_in_step = 0
 
     def install(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
@@ -77,8 +79,18 @@ class LoopHooks:
             tracker.progress += 1
             injector.at("forward")
 
+        recovery = getattr(layout, "recovery", None)
+
         def on_backward(*_: Any) -> None:
             tracker.progress += 1
+            self._backwards_in_step += 1
+            if self._backwards_in_step == 2 and recovery is not None:
+                # Gradient accumulation: a replacement redoes a step from its
+                # first micro-batch while the survivors wait in a later one's
+                # collectives; in-process recovery cannot line them up.
+                recovery.withdraw(
+                    "several backward passes per optimizer step (gradient accumulation)"
+                )
             injector.at("backward")
 
         def watch_output(_module: Any, _args: Any, output: Any) -> None:

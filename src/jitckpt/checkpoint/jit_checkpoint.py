@@ -169,6 +169,7 @@ class JitCheckpoint:
         self._resumed = self._joining is None and self.start_step > 0
         self._loop: BatchLoop | None = None
         self._loop_started = False
+        self._holds_payload = self.start_step > 0  # until the first boundary (_load_again)
         if self.recovery is not None:
             self.recovery.start()
         self.layout.start_periodic(save_every, save_every_s, keep_periodic)
@@ -391,6 +392,16 @@ class JitCheckpoint:
             self._start_loop(None)
         self._finish(step)
 
+    def _load_again(self) -> None:
+        """Load the restored (or received) state once more: the loop
+        fast-forwarded through the script's own code between passes, which
+        ran on it (jitckpt.checkpoint.loop)."""
+        again = self.restorer.load_again or (
+            self.recovery.load_again if self.recovery is not None else None
+        )
+        if again is not None:
+            again()
+
     def _start_loop(self, total: int | None) -> None:
         """The training loop begins: say whether it redoes a finished run,
         then start watching for hangs and peers."""
@@ -495,6 +506,12 @@ class JitCheckpoint:
     # -- step boundaries -------------------------------------------------------------------
     def _boundary(self, step: int) -> None:
         ctx = self.ctx
+        if self._holds_payload:
+            # Past the resume point: the restored payload is not needed again.
+            self._holds_payload = False
+            self.restorer.load_again = None
+            if self.recovery is not None:
+                self.recovery.load_again = None
         self.hooks.new_step()
         if ctx.deterministic:
             rng.reseed(ctx.seed, step, ctx.rank)

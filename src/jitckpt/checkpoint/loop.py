@@ -41,6 +41,8 @@ class LoopOwner(Protocol):
 
     def _start_loop(self, total: int | None) -> None: ...
 
+    def _load_again(self) -> None: ...
+
     def _boundary(self, step: int) -> None: ...
 
     def _finish(self, step: int) -> None: ...
@@ -75,6 +77,7 @@ class BatchLoop:
         self.started = False
         self.finished = False
         self._paused = False  # the watchdog, between passes
+        self._stepped = False  # an optimizer step in the current pass
         self._epoch: int | None = None
 
     # -- ckpt.epochs() ----------------------------------------------------------------
@@ -94,23 +97,42 @@ class BatchLoop:
         skip = self.begin(loader, self._epoch)
         if skip is None:
             return  # before the resume point: fast-forwarded, nothing loaded
+        if self.replaying():
+            yield from skipping(loader, 0)  # an idle pass before the resume point
+            return
         yield from self.pass_over(skipping(loader, skip), skip)
 
-    def begin(self, loader: Any, pass_index: int | None) -> int | None:
+    def replaying(self) -> bool:
+        """Whether the pass just begun lies before the resume point (an idle
+        pass replayed as it was: no boundaries in it)."""
+        return self.position.resume is not None
+
+    def begin(self, loader: Any, pass_index: int | None, *, replace: bool = False) -> int | None:
         """A pass over the training loader begins: how many of its batches
         to skip, or None to fast-forward past all of it
         (PassPosition.begin_pass)."""
-        self.position.bind(loader)
-        skip = self.position.begin_pass(pass_index)
+        position = self.position
+        stepped = self._stepped or self.tracker.position().dirty
+        if position.pass_index >= 0 and self.started and not stepped:
+            position.mark_idle(position.pass_index)
+        self._stepped = False
+        position.bind(loader, replace=replace)
+        skip = position.begin_pass(pass_index)
+        if position.just_resumed and position.fast_forwarded:
+            # The script's own code between the skipped passes ran on the
+            # restored state (a per-epoch scheduler step, ...): load it again.
+            self.owner._load_again()
         if skip is not None and self.reseed_pass is not None:
-            self.reseed_pass(self.position.pass_index)
+            self.reseed_pass(position.pass_index)
         return skip
 
     def pass_over(self, source: Iterator[Any], consumed: int) -> Iterator[Any]:
         """Yield ``source``'s batches, a boundary check before each draw."""
+        first = True
         try:
             while True:
-                self.before_draw(consumed)
+                self.before_draw(consumed, first)
+                first = False
                 try:
                     batch = next(source)
                 except StopIteration:
@@ -122,7 +144,7 @@ class BatchLoop:
             # either way what follows until the next draw is no step.
             self.between_passes()
 
-    def before_draw(self, consumed: int) -> None:
+    def before_draw(self, consumed: int, first_of_pass: bool = False) -> None:
         """A batch is about to be drawn, ``consumed`` of this pass before it."""
         self.position.consumed(consumed)
         if self._paused:
@@ -136,6 +158,12 @@ class BatchLoop:
             self.owner._boundary(self.step)
         elif self.tracker.position().dirty:
             self.step += 1
+            self._stepped = True
+            self.owner._boundary(self.step)
+        elif first_of_pass:
+            # Same step, taken again where the new pass starts: what the
+            # script did between the passes (a per-epoch scheduler step)
+            # is then part of the boundary's state.
             self.owner._boundary(self.step)
 
     def between_passes(self) -> None:

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -113,6 +114,10 @@ class Restorer:
         self.layout = layout
         self.keep_jit = keep_jit
         self.pruning: threading.Thread | None = None
+        # Loads the restored payload once more (model, optimizer, scheduler,
+        # extras, RNG; not the data position): a loop that fast-forwards
+        # through the script's own code asks for it (jitckpt.checkpoint.loop).
+        self.load_again: Callable[[], None] | None = None
 
     def sources(self) -> list[Storage]:
         """Where checkpoints are looked for, preferred first."""
@@ -152,14 +157,13 @@ class Restorer:
                 f"wrote it, or start a new run with a different --run-dir. Nothing on disk "
                 f"was changed."
             ) from None
-        saved_rng = payload.get("rng")
-        if not ctx.deterministic:
-            if saved_rng and saved_rng["rank"] == ctx.rank:
-                rng.restore(saved_rng["state"])
-            else:
-                # Another rank's generator state must not be copied here (two
-                # ranks would draw the same dropout masks): derive a fresh one.
-                rng.reseed(torch.initial_seed(), manifest.step, ctx.rank)
+        self._restore_rng(payload, manifest.step)
+
+        def load_again() -> None:
+            ctx.state.restore(payload, str(path), data=False)
+            self._restore_rng(payload, manifest.step)
+
+        self.load_again = load_again
         step = int(payload["step"])
         ctx.events.emit(
             ev.RESTORE,
@@ -177,6 +181,18 @@ class Restorer:
                 flush=True,
             )
         return step
+
+    def _restore_rng(self, payload: dict[str, Any], step: int) -> None:
+        ctx = self.ctx
+        if ctx.deterministic:
+            return
+        saved_rng = payload.get("rng")
+        if saved_rng and saved_rng["rank"] == ctx.rank:
+            rng.restore(saved_rng["state"])
+        else:
+            # Another rank's generator state must not be copied here (two
+            # ranks would draw the same dropout masks): derive a fresh one.
+            rng.reseed(torch.initial_seed(), step, ctx.rank)
 
     def after_first_step(self, resumed_at: int) -> None:
         """The resumed run completed a step: older JIT copies and persisted

@@ -39,7 +39,6 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,12 +91,14 @@ class Transparent:
         self.rank = int(os.environ.get(protocol.RANK_ENV, "0"))
         self.ckpt: Any = None
         self.position = PassPosition()
-        # Passes begun per loader, and each loader's ordinal by first pass.
-        self._passes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self._keys: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # Passes begun per loader (by data set), and each one's ordinal.
+        self._passes: dict[int, int] = {}
+        self._keys: dict[int, int] = {}
+        self._datasets: list[Any] = []
         # The last batch drawn: (loader, key, pass index, batches consumed).
         self._last: tuple[Any, int, int, int] | None = None
         self._step_hook: Any = None
+        self._fast_forwarded = 0  # passes of the training loader before the resume point
         self._originals: dict[type, Any] = {}
 
     # -- hooks ---------------------------------------------------------------------------
@@ -121,19 +122,34 @@ class Transparent:
         runtime = self
 
         def __iter__(loader: Any) -> Any:
-            if getattr(loader, ONE_OFF_MARK, False) or sampler_of(loader) is None:
+            if getattr(loader, ONE_OFF_MARK, False):
                 return original(loader)
+            if sampler_of(loader) is None:
+                return runtime.untracked(loader, original)
             return runtime.iterate(loader, original)
 
         setattr(cls, "__iter__", __iter__)  # noqa: B010 - a class attribute, replaced on purpose
 
     # -- passes --------------------------------------------------------------------------
+    def untracked(self, loader: Any, original: Any) -> Iterator[Any]:
+        """A pass over a loader without a DistributedSampler: only noted, so
+        that a step fed by it is refused rather than pinned on another."""
+        for batch in original(loader):
+            self._last = None
+            yield batch
+
     def iterate(self, loader: Any, original: Any) -> Iterator[Any]:
         """One pass over a loader with a DistributedSampler (runs at the
-        first draw: by then the script has built what it trains)."""
-        index = self._passes.get(loader, 0)
-        self._passes[loader] = index + 1
-        key = self._keys.setdefault(loader, len(self._keys))
+        first draw: by then the script has built what it trains). Loaders
+        are told apart by their data set, so a script that makes its
+        training loader anew every epoch is followed all the same."""
+        dataset = loader.dataset
+        if id(dataset) not in self._keys:
+            self._keys[id(dataset)] = len(self._keys)
+            self._datasets.append(dataset)  # alive while followed: its id stays its own
+        key = self._keys[id(dataset)]
+        index = self._passes.get(key, 0)
+        self._passes[key] = index + 1
         if self.ckpt is None:
             self._make_checkpoint()
         if self.deterministic:
@@ -143,18 +159,32 @@ class Transparent:
         skip: int | None = 0
         if loop is not None and self.position.key == key:
             training = True
-            skip = loop.begin(loader, index)
+            resuming = self.position.resume is not None
+            if self.position.resume is not None and self._attach_late_schedulers(
+                _find_objects()["schedulers"]
+            ):
+                # Made after the restore (which had nothing to load them into):
+                # the resume point is near, load the restored state once more.
+                self.ckpt._load_again()
+            skip = loop.begin(loader, index, replace=True)
             if skip is None:
+                self._fast_forwarded += 1
                 return  # before the resume point: fast-forwarded, nothing loaded
+            if loop.replaying():
+                training = False  # an idle pass before the resume point, as it was
+            elif resuming:
+                self._say_fast_forward(index, skip)
         source = skipping(loader, skip or 0, original)
         consumed = skip or 0
+        first = training
         try:
             while True:
-                if loop is not None and (training or self.position.key == key):
+                if loop is not None and (training or self._names_training(key)):
                     # (a fresh run names its training loader at the first
                     # optimizer step, inside this loader's first pass)
                     training = True
-                    loop.before_draw(consumed)
+                    loop.before_draw(consumed, first)
+                    first = False
                 try:
                     batch = next(source)
                 except StopIteration:
@@ -165,6 +195,22 @@ class Transparent:
         finally:
             if loop is not None and training:
                 loop.between_passes()
+
+    def _names_training(self, key: int) -> bool:
+        """A fresh run named this loader's key at the first optimizer step,
+        during this very pass."""
+        return self.position.key == key and self.position.resume is None
+
+    def _say_fast_forward(self, index: int, skip: int) -> None:
+        if self.rank != 0 or not (self._fast_forwarded or skip):
+            return
+        print(
+            f"jitckpt: transparent mode resumed the training loader at batch {skip} of pass "
+            f"{index}: {self._fast_forwarded} earlier pass(es) yielded nothing and the script's "
+            f"own code between them ran again; the {skip} batch(es) were skipped unloaded",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # -- finding the objects ---------------------------------------------------------------
     def _make_checkpoint(self) -> None:
@@ -203,6 +249,8 @@ class Transparent:
             self.position.key = key
             loop.position.bind(loader)
             loop.position.begin_pass(index)
+            for earlier in range(index):  # passes of it before the first step
+                loop.position.mark_idle(earlier)
             # The step's batch is drawn: the clean state before it is step 0's.
             loop.before_draw(consumed - 1)
         # (Resumed, the checkpoint named the loader; a joiner is running.)
@@ -262,7 +310,21 @@ class Transparent:
             )
         if self.ckpt.state.optimizer is not optimizer:
             return "the optimizer that stepped does not optimize the DDP model's parameters"
+        self._attach_late_schedulers(found["schedulers"])
         return None
+
+    def _attach_late_schedulers(self, schedulers: list[Any]) -> bool:
+        """LR schedulers made after the JitCheckpoint (the script drew a batch
+        first: a peek): followed from now on. Returns whether any was new."""
+        state = self.ckpt.state
+        followed = {id(s) for s in [state.scheduler, *state.extras.values()]}
+        late = [s for s in schedulers if id(s) not in followed]
+        for scheduler in late:
+            if state.scheduler is None:
+                state.scheduler = scheduler
+            else:
+                state.extras[f"scheduler{len(state.extras) + 1}"] = scheduler
+        return bool(late)
 
 
 def _has_params(optimizer: Any) -> bool:

@@ -83,6 +83,10 @@ def install() -> str:
         return _mechanism
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("jitckpt.detect.signals.install() must run on the main thread")
+    # A child this process forks (a DataLoader worker) has no signal thread:
+    # SIGTERM must kill it as usual, or multiprocessing's terminate() at the
+    # end of training would wait for it forever.
+    os.register_at_fork(after_in_child=_default_signals_in_child)
     if _native_thread_count() == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         threading.Thread(target=_sigwait_loop, name="jitckpt-sigwait", daemon=True).start()
@@ -98,6 +102,18 @@ def install() -> str:
         ).start()
         _mechanism = "wakeup-fd"
     return _mechanism
+
+
+def _default_signals_in_child() -> None:
+    global _mechanism
+    _mechanism = None
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+    except ValueError:  # forked from a thread other than the main one
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 def _sigwait_loop() -> None:

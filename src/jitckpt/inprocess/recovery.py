@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -186,11 +187,31 @@ class InProcessRecovery:
         # refers to them.
         self._retired: list[dist.ProcessGroup] = []
         self.recoveries = 0
+        # A replacement's received state, to load once more after a
+        # fast-forward through the script's own code (Restorer.load_again).
+        self.load_again: Any = None
+        self._withdrawn = False
         # Futures of abandoned collectives (jitckpt.process_exit).
         self._abandoned: list[Any] = []
         process_exit.register(self.unsafe_to_finalize)
 
     # -- lifecycle ------------------------------------------------------------------
+    def withdraw(self, reason: str) -> None:
+        """This rank can no longer recover in process (``reason``): a failure
+        from now on takes the restart path, and the launcher says why."""
+        if self._withdrawn:
+            return
+        self._withdrawn = True
+        attempt.store().delete_key(protocol.INPROC_CAPABLE_KEY.format(rank=self.rank))
+        self.events.emit(ev.INPROC_WITHDRAWN, reason=reason)
+        if self.rank == 0:
+            print(
+                f"jitckpt: in-process recovery is off for this job from here on: {reason}; a "
+                f"failure restarts every worker from the JIT checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def start(self) -> None:
         """Say this rank can recover in process and start watching for notices
         (those after the generation this rank joined)."""
@@ -432,12 +453,19 @@ class InProcessRecovery:
         buffer = bytearray(int(size.item()))
         data = torch.frombuffer(buffer, dtype=torch.uint8)
         dist.recv(data, source)
-        payload = decode(buffer, f"state from rank {source}")
-        self.state.restore(payload, f"state from rank {source}")
+        where = f"state from rank {source}"
+        payload = decode(buffer, where)
+        self.state.restore(payload, where)
         # The source's generator state is its own: copying it would give two
         # ranks the same dropout masks. As on a restore: a stream derived from
         # (seed, step, rank). (Deterministic mode reseeds at every boundary.)
         rng.reseed(torch.initial_seed(), int(payload["step"]), self.rank)
+
+        def load_again() -> None:  # as Restorer.load_again
+            self.state.restore(payload, where, data=False)
+            rng.reseed(torch.initial_seed(), int(payload["step"]), self.rank)
+
+        self.load_again = load_again
         return data.numel()
 
     def _finish(

@@ -89,8 +89,8 @@ def in_process_refusal(
     missing = not_capable()
     if missing:
         return (
-            f"rank(s) {missing} not ready for it (it needs a DDP model and a failure after "
-            f"training started)"
+            f"rank(s) {missing} not ready for it (it needs a DDP model, one backward per "
+            f"step, and a failure after training started)"
         )
     return None
 

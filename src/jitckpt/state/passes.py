@@ -44,6 +44,7 @@ class ResumePoint:
     pass_index: int
     consumed: int
     sampler_start: int = 0
+    idle: tuple[int, ...] = ()
 
 
 def check_loader(loader: Any) -> None:
@@ -86,6 +87,11 @@ class PassPosition:
         self.batches = 0
         self._passes_begun = 0
         self.resume: ResumePoint | None = None
+        # Passes with no optimizer step (a peek at one batch, an evaluation
+        # over the training loader): a resume replays them, not skips them.
+        self.idle: list[int] = []
+        self.fast_forwarded = 0  # passes skipped whole by this resume
+        self.just_resumed = False  # the last pass begun is the resume point
         # Which of the script's loaders trains (transparent mode: the
         # ordinal of its first pass among the loaders iterated); saved so a
         # resumed process, which meets the loaders again, knows it.
@@ -93,10 +99,12 @@ class PassPosition:
         if loader is not None:
             self.bind(loader)
 
-    def bind(self, loader: Any) -> None:
+    def bind(self, loader: Any, *, replace: bool = False) -> None:
+        """Follow ``loader`` (``replace``: a script that makes its training
+        loader anew for every epoch, as transparent mode sees it)."""
         if self.loader is loader:
             return
-        if self.loader is not None:
+        if self.loader is not None and not replace:
             raise UsageError(
                 "jitckpt follows one training loader; this loop iterates another one through "
                 "ckpt.batches(). Iterate evaluation loaders directly, not through ckpt.batches()."
@@ -120,12 +128,17 @@ class PassPosition:
         index = self._passes_begun if pass_index is None else pass_index
         self._passes_begun = index + 1
         self.pass_index, self.batches = index, 0
+        self.just_resumed = False
         resume = self.resume
         if resume is None:
             return 0
         if index < resume.pass_index:
+            if index in resume.idle:
+                return 0  # as the run that saved it did: a whole pass, no step
+            self.fast_forwarded += 1
             return None
         self.resume = None
+        self.just_resumed = True
         if index > resume.pass_index:
             return 0  # the loop went past the saved pass (a shorter epoch loop)
         if isinstance(self.sampler, ElasticDistributedSampler):
@@ -135,6 +148,11 @@ class PassPosition:
 
     def consumed(self, batches: int) -> None:
         self.batches = batches
+
+    def mark_idle(self, pass_index: int) -> None:
+        """Pass ``pass_index`` ended without an optimizer step."""
+        if pass_index >= 0 and pass_index not in self.idle:
+            self.idle.append(pass_index)
 
     def resume_pass(self) -> int | None:
         """The pass a restored position continues in (None: not resumed)."""
@@ -152,6 +170,7 @@ class PassPosition:
             "world_size": self._world_size(),
             "batch_size": getattr(self.loader, "batch_size", None),
             "loader": self.key,
+            "idle": list(self.idle),
         }
 
     def check(self, state: Any, where: str) -> None:
@@ -179,7 +198,9 @@ class PassPosition:
             size = len(self.sampler.dataset)
             start = min(start + consumed * int(state["batch_size"]) * int(saved_world), size)
             consumed = 0
-        self.resume = ResumePoint(int(state["pass"]), consumed, start)
+        idle = tuple(int(i) for i in state.get("idle") or ())
+        self.resume = ResumePoint(int(state["pass"]), consumed, start, idle)
+        self.idle = list(idle)
         self.key = state.get("loader")
 
 
@@ -235,4 +256,4 @@ def skipping(
             loader.dataset, batch_size=None, sampler=_SkipFirst(loader.sampler, skip), **settings
         )
     setattr(one_off, ONE_OFF_MARK, True)
-    return iterate(one_off)
+    return iter(one_off)  # a plain DataLoader: its own __iter__ (transparent mode lets it through)

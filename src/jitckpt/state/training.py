@@ -152,10 +152,13 @@ class TrainingState:
             "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
         }
 
-    def restore(self, payload: Mapping[str, Any], where: str, *, tensors: bool = True) -> None:
+    def restore(
+        self, payload: Mapping[str, Any], where: str, *, tensors: bool = True, data: bool = True
+    ) -> None:
         """Load a decoded payload. Checks everything that can be checked
         before the first component is touched. ``tensors=False``: the model
-        and optimizer were loaded already (jitckpt.checkpoint.sharded)."""
+        and optimizer were loaded already (jitckpt.checkpoint.sharded);
+        ``data=False``: the data position is left as it is."""
         self.check(payload, where)
         if tensors:
             unwrap(self.model).load_state_dict(payload["model"])
@@ -164,7 +167,7 @@ class TrainingState:
             self.scheduler.load_state_dict(payload["scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(payload["scaler"])
-        if self.data is not None:
+        if self.data is not None and data:
             self.data.load_state_dict(payload["data"])
         for name, obj in self.extras.items():
             obj.load_state_dict(payload["extras"][name])
