@@ -33,7 +33,7 @@ def check_checkpoint(directory: Path, step: int) -> None:
         assert (directory / name).is_file(), name
     state = json.loads((directory / "trainer_state.json").read_text())
     assert state["global_step"] == step
-    assert json.loads((directory / "jitckpt.json").read_text())["kind"] == "jit"
+    assert json.loads((directory / "jitckpt-export.json").read_text())["kind"] == "jit"
 
 
 def test_a_rank_killed_in_backward_is_saved_as_checkpoint_n_and_resumed(tmp_path: Path) -> None:

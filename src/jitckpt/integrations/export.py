@@ -26,9 +26,8 @@ import torch
 
 from jitckpt import _version
 
-# The marker file of an exported directory, "jitckpt" + ".json" (written so
-# that the docs test does not read it as a module name).
-MARKER = "jitckpt" + ".json"
+# The marker file of an exported directory: jitckpt wrote it on a failure.
+MARKER = "jitckpt-export.json"
 
 
 def copied(tree: Any) -> Any:
