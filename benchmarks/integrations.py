@@ -81,7 +81,45 @@ def hf_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> flo
     return statistics.median(timer.times[warmup:])
 
 
-FRAMEWORKS = {"huggingface": hf_round}
+def lightning_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> float:
+    """Median step time (s) of one Lightning fit, rank 0's view."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from train_lightning import Regressor, dataset
+
+    from jitckpt.integrations.lightning import JitCheckpointCallback
+
+    class Timer(pl.Callback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.began = 0.0
+
+        def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+            self.began = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+            self.times.append(time.perf_counter() - self.began)
+
+    pl.seed_everything(0, verbose=False)
+    timer = Timer()
+    callbacks: list[Any] = [timer]
+    if with_callback:
+        callbacks.insert(0, JitCheckpointCallback(run_dir=workdir / "jitckpt"))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
+        max_steps=steps + warmup, default_root_dir=str(workdir), logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=callbacks,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(dataset(8192), batch_size=4, shuffle=True)
+    trainer.fit(Regressor(), loader)
+    return statistics.median(timer.times[warmup:])
+
+
+FRAMEWORKS = {"huggingface": hf_round, "lightning": lightning_round}
 
 
 def worker(args: argparse.Namespace) -> None:
