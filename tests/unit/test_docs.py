@@ -20,12 +20,20 @@ def tracked(*patterns: str) -> list[Path]:
     return [REPO / name for name in out if (REPO / name).exists()]
 
 
+# Frameworks an integration module imports that need not be installed
+# (jitckpt.integrations.torchtitan): a module that fails to import for want
+# of one of them still exists.
+OPTIONAL_PEERS = ("torchtitan",)
+
+
 def resolves(reference: str) -> bool:
     parts = reference.split(".")
     for cut in range(len(parts), 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] in OPTIONAL_PEERS:
+                return True
             continue
         try:
             for attr in parts[cut:]:

@@ -193,4 +193,9 @@ class JitSaver:
             duration=time.monotonic() - started,
             digest=digest(path),
         )
+        if kind == "jit":
+            # The committing writer hands it to an integration; the tree has
+            # no model or optimizer (they are in the shards): the
+            # integration reads them from the live objects if it can.
+            self._export(step, payload.tree, path)
         return path

@@ -1,7 +1,8 @@
 """JIT checkpointing for the frameworks people train with, through their own
 extension points: a Hugging Face ``TrainerCallback``
-(jitckpt.integrations.huggingface) and a PyTorch Lightning ``Callback``
-(jitckpt.integrations.lightning).
+(jitckpt.integrations.huggingface), a PyTorch Lightning ``Callback``
+(jitckpt.integrations.lightning) and torchtitan's Trainer, hooked by
+``attach(trainer)`` (jitckpt.integrations.torchtitan).
 
 Each one makes a :class:`~jitckpt.checkpoint.jit_checkpoint.JitCheckpoint`
 at the start of training, marks a step boundary at the framework's step-end

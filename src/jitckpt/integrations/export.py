@@ -61,14 +61,19 @@ def export_directory(
     write_shared: Callable[[Path], None],
     write_own: Callable[[Path], None],
     marker: Mapping[str, Any],
+    *,
+    temporary: str | None = None,
 ) -> Path | None:
     """Create ``final`` with ``write_shared`` (the state every copy has) and
     ``write_own`` (this rank's files), atomically; if another rank created it
     first, add this rank's own files to it. Returns ``final``, or None when a
-    directory of that name was there before (left as it was)."""
+    directory of that name was there before (left as it was). ``temporary``
+    names the temporary directory beside it (default
+    ``.<final name>.jitckpt-tmp``; rank and pid are appended)."""
     if final.exists() and not (final / MARKER).exists():
         return None  # the framework's own checkpoint of this step
-    tmp = final.parent / f".{final.name}.jitckpt-tmp-{rank}-{os.getpid()}"
+    stem = temporary if temporary is not None else f".{final.name}.jitckpt-tmp"
+    tmp = final.parent / f"{stem}-{rank}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -111,6 +111,8 @@ class JitCheckpointCallback(TrainerCallback):  # type: ignore[misc]
     def _export(self, step: int, tree: Any, saved: Path) -> Path | None:
         """Write step ``step`` (the saved ``tree``) as ``checkpoint-{step}``."""
         assert self._output_dir is not None and self.ckpt is not None
+        if tree.get("model") is None:
+            return None  # a sharded save: the weights are in its DCP shards only
         rank, world_size = self.ckpt.rank, self.ckpt.world_size
         trainer_state = copy.deepcopy(self._state)
         trainer_state.global_step = step
