@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements-dev.txt
+python -m pip install -q --no-deps -r requirements-torchtitan.txt
 ruff check src tests examples benchmarks
 ruff format --check src tests benchmarks
 mypy
