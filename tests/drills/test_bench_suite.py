@@ -19,7 +19,8 @@ SUITE_TIMEOUT_S = 300
 
 def test_quick_suite_writes_sane_json_and_markdown(tmp_path):
     launch = run_tagged(
-        [sys.executable, str(SUITE), "--quick", "--out", str(tmp_path)], timeout=SUITE_TIMEOUT_S
+        [sys.executable, str(SUITE), "--quick", "--ranks", "2", "--out", str(tmp_path)],
+        timeout=SUITE_TIMEOUT_S,
     )
     assert launch.returncode == 0, show(launch)
     assert launch.leftovers == [], f"processes left behind: {launch.leftovers}"

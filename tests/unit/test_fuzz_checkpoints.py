@@ -45,7 +45,7 @@ from jitckpt.state.archive import _LENGTH, MAGIC
 from jitckpt.state.training import decode
 from jitckpt.storage import MANIFEST, PAYLOAD
 
-CASES = 520
+CASES = 260
 CASE_TIMEOUT_S = 10.0
 SEED = 16
 
