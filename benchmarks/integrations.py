@@ -38,8 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 def hf_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> float:
     """Median step time (s) of one Trainer run, rank 0's view."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
-    from transformers import TrainingArguments
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     sys.path.insert(0, str(REPO / "examples"))
     from train_hf import SyntheticTokens
