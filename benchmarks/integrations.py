@@ -1,14 +1,19 @@
 """Step-time cost of the framework callbacks, in one command.
 
-    python benchmarks/integrations.py               # about 1.5 minutes on 2 cores
+    python benchmarks/integrations.py               # small models, a few minutes on 2 cores
+    python benchmarks/integrations.py --size tiny   # the examples' models (steps of a few ms)
     python benchmarks/integrations.py --quick       # smoke run
     python benchmarks/integrations.py --json out.json
 
 What it measures: the wall time of a training step of the Hugging Face
-Trainer (the tiny GPT-2 of examples/train_hf.py, 2 ranks, DDP over gloo)
-with jitckpt's ``JitCheckpointCallback`` and without it, and the same for
-PyTorch Lightning (the model of examples/train_lightning.py) when lightning
-is installed. Goal: the callback adds at most 1 % to a step.
+Trainer (a GPT-2 built from a config as in examples/train_hf.py, 2 ranks,
+DDP over gloo) with jitckpt's ``JitCheckpointCallback`` and without it, and
+the same for PyTorch Lightning (the MLP of examples/train_lightning.py, wider)
+when lightning is installed. Goal: the callback adds at most 1 % to a step.
+The callback's own work per step is fixed (a step boundary: about 0.1 ms,
+most of it copying numpy's random state; Lightning's loop state adds about
+0.2 ms), so the ratio depends on the step time: --size tiny shows it on
+steps of a few ms, the default on steps of tens of ms.
 
 How: one ``torchrun --standalone`` job of 2 ranks runs this file again with
 --worker. In every round each worker builds a fresh Trainer per mode (with
@@ -34,8 +39,18 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Model sizes (--size): "tiny" is the examples' (a step of a few ms, where a
+# fixed per-step cost of ~0.1 ms is several per cent); "small" has steps of
+# tens of ms, closer to real training, where the goal is meant.
+SIZES = {
+    "tiny": {"hf": {"n_layer": 2, "n_embd": 64, "n_head": 2, "seq": 32, "batch": 2},
+             "pl": {"features": 16, "hidden": 32, "batch": 4}},
+    "small": {"hf": {"n_layer": 4, "n_embd": 256, "n_head": 4, "seq": 128, "batch": 4},
+              "pl": {"features": 512, "hidden": 2048, "batch": 64}},
+}  # fmt: skip
 
-def hf_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> float:
+
+def hf_round(with_callback: bool, steps: int, warmup: int, workdir: Path, size: str) -> float:
     """Median step time (s) of one Trainer run, rank 0's view."""
     import torch
     from transformers import (
@@ -63,9 +78,10 @@ def hf_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> flo
             self.times.append(time.perf_counter() - self.began)
 
     torch.manual_seed(0)
+    shape = SIZES[size]["hf"]
     config = GPT2Config(
-        n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, bos_token_id=0,
-        eos_token_id=0,
+        n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
+        vocab_size=256, n_positions=shape["seq"], bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     timer = Timer()
     callbacks: list[Any] = [timer]
@@ -75,18 +91,20 @@ def hf_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> flo
         model=GPT2LMHeadModel(config),
         args=TrainingArguments(
             output_dir=str(workdir / "out"), max_steps=steps + warmup,
-            per_device_train_batch_size=2, save_strategy="no", report_to=[], use_cpu=True,
+            per_device_train_batch_size=shape["batch"], save_strategy="no", report_to=[], use_cpu=True,
             ddp_backend="gloo", ddp_find_unused_parameters=False, logging_steps=10_000,
             disable_tqdm=True, seed=0,
         ),
-        train_dataset=SyntheticTokens(4096),
+        train_dataset=SyntheticTokens(4096, seq=shape["seq"]),
         callbacks=callbacks,
     )  # fmt: skip
     trainer.train()
     return statistics.median(timer.times[warmup:])
 
 
-def lightning_round(with_callback: bool, steps: int, warmup: int, workdir: Path) -> float:
+def lightning_round(
+    with_callback: bool, steps: int, warmup: int, workdir: Path, size: str
+) -> float:
     """Median step time (s) of one Lightning fit, rank 0's view."""
     import lightning.pytorch as pl
     import torch
@@ -119,8 +137,10 @@ def lightning_round(with_callback: bool, steps: int, warmup: int, workdir: Path)
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         callbacks=callbacks,
     )  # fmt: skip
-    loader = torch.utils.data.DataLoader(dataset(8192), batch_size=4, shuffle=True)
-    trainer.fit(Regressor(), loader)
+    shape = SIZES[size]["pl"]
+    data = dataset(8192, features=shape["features"])
+    loader = torch.utils.data.DataLoader(data, batch_size=shape["batch"], shuffle=True)
+    trainer.fit(Regressor(features=shape["features"], hidden=shape["hidden"]), loader)
     return statistics.median(timer.times[warmup:])
 
 
@@ -141,7 +161,9 @@ def worker(args: argparse.Namespace) -> None:
                 times = {}
                 for with_callback in order:
                     workdir = Path(tmp) / f"{name}-{index}-{int(with_callback)}"
-                    times[with_callback] = run(with_callback, args.steps, args.warmup, workdir)
+                    times[with_callback] = run(
+                        with_callback, args.steps, args.warmup, workdir, args.size
+                    )
                 results.setdefault(name, []).append(
                     {"bare_s": times[False], "callback_s": times[True]}
                 )
@@ -156,6 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--frameworks", default=None, help="comma-separated (default: installed)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -175,7 +198,7 @@ def main() -> None:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         __file__, "--worker", "--rounds", str(args.rounds), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--frameworks", args.frameworks,
+        "--warmup", str(args.warmup), "--frameworks", args.frameworks, "--size", args.size,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
@@ -188,6 +211,7 @@ def main() -> None:
     for name, rounds in results.items():
         ratios = [r["callback_s"] / r["bare_s"] for r in rounds]
         summary[name] = {
+            "size": args.size,
             "rounds": rounds,
             "median_ratio": statistics.median(ratios),
             "bare_ms": 1e3 * statistics.median(r["bare_s"] for r in rounds),
@@ -195,7 +219,7 @@ def main() -> None:
         }
         print(
             f"{name}: median step {summary[name]['bare_ms']:.2f} ms without the callback, "
-            f"{summary[name]['callback_ms']:.2f} ms with it; median per-round ratio "
+            f"{summary[name]['callback_ms']:.2f} ms with it ({args.size} model); median per-round ratio "
             f"{summary[name]['median_ratio']:.4f} over {len(rounds)} rounds "
             f"(goal <= 1.01); ratios {', '.join(f'{r:.3f}' for r in ratios)}"
         )

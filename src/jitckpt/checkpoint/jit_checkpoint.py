@@ -415,7 +415,11 @@ class JitCheckpoint:
     def _finish(self, total: int) -> None:
         """Training completed ``total`` steps."""
         # Resources after every recovery's leftovers are dropped, counted
-        # before the side threads stop (as the baseline was).
+        # before the side threads stop (as the baseline was). Settling can
+        # take seconds (an abandoned call ends when its peer exits) and is no
+        # step: hang detection must not fire meanwhile (peers that finished
+        # stopped their heartbeats and would be named dead and killed).
+        self.watchdog.pause()
         resources = self.recovery.settle() if self.recovery is not None else {}
         self._stop_watching()
         self.layout.finish()
