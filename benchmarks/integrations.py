@@ -46,7 +46,7 @@ SIZES = {
     "tiny": {"hf": {"n_layer": 2, "n_embd": 64, "n_head": 2, "seq": 32, "batch": 2},
              "pl": {"features": 16, "hidden": 32, "batch": 4}},
     "small": {"hf": {"n_layer": 4, "n_embd": 256, "n_head": 4, "seq": 128, "batch": 4},
-              "pl": {"features": 512, "hidden": 2048, "batch": 64}},
+              "pl": {"features": 1024, "hidden": 4096, "batch": 64}},
 }  # fmt: skip
 
 
