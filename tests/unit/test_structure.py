@@ -160,6 +160,7 @@ ALLOWED = {
         "jitckpt.integrations",
         "jitckpt.checkpoint",
         "jitckpt.state",
+        "jitckpt.storage.directory",
     ),
     # The leaves and small shared modules (ARCHITECTURE.md, layers 1-2).
     "jitckpt.compat": (),

@@ -13,7 +13,8 @@ framework's own resume finds it; the framework restores it, not jitckpt
 (``JitCheckpoint(resumed_by_framework=...)``).
 
 What it may import: the public JitCheckpoint and what it is made of
-(jitckpt.checkpoint, jitckpt.state), the vocabulary, and the framework
-itself, which is imported only here (the frameworks are optional extras,
-never needed by the core: ``pip install 'jitckpt[huggingface]'``).
+(jitckpt.checkpoint, jitckpt.state), jitckpt.storage.directory (its fsync
+of a directory), the vocabulary, and the framework itself, which is
+imported only here (the frameworks are optional extras, never needed by the
+core: ``pip install 'jitckpt[huggingface]'``).
 """

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from jitckpt import _version
+from jitckpt.storage.directory import fsync_path
 
 # The marker file of an exported directory: jitckpt wrote it on a failure.
 MARKER = "jitckpt-export.json"
@@ -86,7 +87,7 @@ def export_directory(
             _fsync_tree(tmp)
             try:
                 os.rename(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_path(final.parent)
                 return final
             except OSError:
                 if not (final / MARKER).exists():
@@ -97,7 +98,7 @@ def export_directory(
         write_own(own)
         for item in own.iterdir():
             os.replace(item, final / item.name)
-        _fsync_dir(final)
+        fsync_path(final)
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,7 +124,7 @@ def export_file(final: Path, rank: int, write: Callable[[Path], None]) -> Path:
             if final.exists():
                 return final
             os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         return final
     finally:
         tmp.unlink(missing_ok=True)
@@ -144,12 +145,4 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(root)

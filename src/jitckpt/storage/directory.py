@@ -59,7 +59,8 @@ def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a directory (or file) by path: its entries are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -189,7 +190,7 @@ class DirectoryStorage:
                 _remove(tmp)
             raise CheckpointWriteError(self._explain(exc, name, body.size), exc.errno) from None
         point("renamed")
-        _fsync_path(self.root)
+        fsync_path(self.root)
         self._remember(final)
         return final
 
@@ -227,7 +228,7 @@ class DirectoryStorage:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(self._explain(exc, name, body.size), exc.errno) from None
-        _fsync_path(self.root)
+        fsync_path(self.root)
         self._remember(final)
         return final
 
@@ -278,7 +279,7 @@ class DirectoryStorage:
         _remove(aside)
         os.rename(final, aside)
         os.rename(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
         _remove(aside)
 
     def _new_dir(self, path: Path) -> _Dir:
