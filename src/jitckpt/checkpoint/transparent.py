@@ -98,7 +98,6 @@ class Transparent:
         # The last batch drawn: (loader, key, pass index, batches consumed).
         self._last: tuple[Any, int, int, int] | None = None
         self._step_hook: Any = None
-        self._fast_forwarded = 0  # passes of the training loader before the resume point
         self._originals: dict[type, Any] = {}
 
     # -- hooks ---------------------------------------------------------------------------
@@ -159,20 +158,22 @@ class Transparent:
         skip: int | None = 0
         if loop is not None and self.position.key == key:
             training = True
-            resuming = self.position.resume is not None
-            if self.position.resume is not None and self._attach_late_schedulers(
-                _find_objects()["schedulers"]
+            resume = self.position.resume
+            at_resume_point = resume is not None and index >= resume.pass_index
+            if (
+                at_resume_point
+                and self._attach_late_schedulers(_find_objects()["schedulers"])
+                and not self.position.fast_forwarded  # else begin() loads it again
             ):
                 # Made after the restore (which had nothing to load them into):
-                # the resume point is near, load the restored state once more.
+                # load the restored state once more, now into them too.
                 self.ckpt._load_again()
             skip = loop.begin(loader, index, replace=True)
             if skip is None:
-                self._fast_forwarded += 1
                 return  # before the resume point: fast-forwarded, nothing loaded
             if loop.replaying():
                 training = False  # an idle pass before the resume point, as it was
-            elif resuming:
+            elif at_resume_point:
                 self._say_fast_forward(index, skip)
         source = skipping(loader, skip or 0, original)
         consumed = skip or 0
@@ -202,11 +203,12 @@ class Transparent:
         return self.position.key == key and self.position.resume is None
 
     def _say_fast_forward(self, index: int, skip: int) -> None:
-        if self.rank != 0 or not (self._fast_forwarded or skip):
+        skipped = self.position.fast_forwarded
+        if self.rank != 0 or not (skipped or skip):
             return
         print(
             f"jitckpt: transparent mode resumed the training loader at batch {skip} of pass "
-            f"{index}: {self._fast_forwarded} earlier pass(es) yielded nothing and the script's "
+            f"{index}: {skipped} earlier pass(es) yielded nothing and the script's "
             f"own code between them ran again; the {skip} batch(es) were skipped unloaded",
             file=sys.stderr,
             flush=True,
