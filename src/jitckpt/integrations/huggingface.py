@@ -65,7 +65,6 @@ class JitCheckpointCallback(TrainerCallback):  # type: ignore[misc]
         self._output_dir: Path | None = None
         self._state: Any = None  # the Trainer's TrainerState (live)
         self._model: Any = None
-        self._log_entries = 0  # log_history entries at the last boundary
 
     # -- the Trainer's events ------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -104,7 +103,6 @@ class JitCheckpointCallback(TrainerCallback):  # type: ignore[misc]
 
     def _boundary(self, state: Any) -> None:
         assert self.ckpt is not None
-        self._log_entries = len(state.log_history)
         self.ckpt.step_done(int(state.global_step))
 
     # -- the export ----------------------------------------------------------------------
