@@ -10,6 +10,7 @@ import pytest
 from fakes import FakeStore
 
 from jitckpt import protocol
+from jitckpt.launch import coordinator as coordinator_module
 from jitckpt.launch.coordinator import MAX_SAME_FAULT_TRIES, Coordinator, in_process_refusal
 
 
@@ -41,6 +42,32 @@ def test_a_recovery_ends_when_every_rank_is_done() -> None:
         c.store.set(protocol.INPROC_RANK_DONE_KEY.format(generation=generation, rank=rank), "1")
         c.store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
     assert c.check() is None and c.current is None
+
+
+def test_the_agent_stays_busy_until_every_rank_redid_the_step_or_the_hold_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    c = coordinator()
+    assert not c.busy()
+    generation = c.begin({2: 2})
+    assert c.busy()  # the recovery itself
+    for rank in range(4):
+        c.store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
+    assert c.check() is None and c.current is None
+    progressed = protocol.INPROC_PROGRESSED_COUNTER.format(generation=generation)
+    for _ in range(3):
+        c.store.add(progressed, 1)
+        assert c.busy()  # the replacement's redo: not every rank is past it
+    c.store.add(progressed, 1)
+    assert not c.busy()
+    # A redo that never completes holds the agent back only REDO_HOLD_S.
+    generation = c.begin({1: 1})
+    for rank in range(4):
+        c.store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
+    c.check()
+    assert c.busy()
+    monkeypatch.setattr(coordinator_module, "REDO_HOLD_S", 0.0)
+    assert not c.busy()
 
 
 def test_a_recovery_past_its_deadline_names_the_ranks_that_never_finished() -> None:

@@ -3,6 +3,8 @@ on a background thread after a delay, never on the thread that kept them."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -121,3 +123,38 @@ def test_resource_counts_see_threads_and_file_descriptors(tmp_path: Path) -> Non
     # Three more of each; one stray thread of an earlier test may end meanwhile.
     assert during["threads"] >= before["threads"] + 2, (before, during)
     assert during["fds"] >= before["fds"] + 2, (before, during)
+
+
+QUIET_A_GLOO_GROUP = """
+import os, torch.distributed as dist
+from jitckpt.inprocess.graveyard import GLOO_LOOP_THREAD, quiet_abandoned_loops
+
+def loops():
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as handle:
+            stat = handle.read()
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == GLOO_LOOP_THREAD:
+            found[tid] = int(stat[stat.rindex(")") + 2 :].split()[38])  # policy
+    return found
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+before = loops()
+quieted = quiet_abandoned_loops()
+print(sorted(before.values()), quieted, sorted(loops().values()))
+"""
+
+
+def test_a_gloo_groups_event_loop_is_found_by_name_and_set_to_sched_idle() -> None:
+    """The name quiet_abandoned_loops looks for is the one torch's gloo gives
+    its loop thread: a real group's loop goes from SCHED_OTHER (0) to
+    SCHED_IDLE (5)."""
+    result = subprocess.run(
+        [sys.executable, "-c", QUIET_A_GLOO_GROUP],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    # One loop, at the ordinary policy before; quieted; SCHED_IDLE after.
+    assert result.stdout.strip() == f"[0] 1 [{os.SCHED_IDLE}]", result.stdout

@@ -47,7 +47,12 @@ from jitckpt import events as ev
 from jitckpt.comm import at_reduce, interruptible_all_reduce, step_of
 from jitckpt.detect import signals
 from jitckpt.events import EventLog
-from jitckpt.inprocess.graveyard import SETTLE_TIMEOUT_S, Graveyard, resource_counts
+from jitckpt.inprocess.graveyard import (
+    SETTLE_TIMEOUT_S,
+    Graveyard,
+    quiet_abandoned_loops,
+    resource_counts,
+)
 from jitckpt.state import rng
 from jitckpt.state.training import TrainingState, decode
 from jitckpt.tracker import StepTracker
@@ -264,6 +269,8 @@ class InProcessRecovery:
             except Exception:  # noqa: BLE001 - a store that is gone: try again
                 continue
             notice["seen"] = time.time()
+            # Every group alive now includes the dead rank: abandoned.
+            quiet_abandoned_loops()
             self._pause_watchdog()
             self.events.emit(ev.INPROC_NOTICE, generation=notice["generation"], dead=notice["dead"])
             with self._cond:

@@ -246,8 +246,9 @@ class JitAgent(LocalElasticAgent):
         procs.wait_for_exit(self.exit_wait_s)
         self._serve_kill_requests(worker_group, procs, coordinator)
         procs.reap_spares()
-        if coordinator.current is None:
-            # Not during a recovery: a starting spare would take CPU from it.
+        if not coordinator.busy():
+            # Not during a recovery or its redo: a starting spare would take
+            # CPU from it.
             procs.refill_spares()
         failures = procs.poll(finished=self.control.finished)
         # First: a recovery that just ended is over before a failure is judged.

@@ -38,6 +38,11 @@ MAX_SAME_FAULT_TRIES = 2
 # the survivors reach the step's all-reduce within a step time; past this, a
 # rank is stuck where no notice reaches it.
 RECOVERY_DEADLINE_S = 20.0
+# After a recovery, how long the agent holds back work of its own (starting a
+# new spare) while the replacement redoes the step, unless every rank has
+# completed that step sooner: on a machine with few cores a spare's start
+# takes CPU from the redo, the part of the recovery everyone waits for.
+REDO_HOLD_S = 5.0
 
 
 def in_process_refusal(
@@ -123,6 +128,9 @@ class Coordinator:
     last_replaced_in: dict[int, int] = field(default_factory=dict)
     # global rank -> recoveries of it in a row that did not get past their step
     repeats: dict[int, int] = field(default_factory=dict)
+    # The last recovery's generation and when it was done (time.monotonic()),
+    # until its step is redone (or REDO_HOLD_S passed).
+    redoing: tuple[int, float] | None = None
 
     def repeated(self, ranks: list[int]) -> dict[int, tuple[int, int | None]]:
         """For each failed rank: how many recoveries of it in a row never
@@ -140,9 +148,10 @@ class Coordinator:
             out[rank] = (self.repeats[rank], step)
         return out
 
-    def _progressed(self, generation: int) -> bool:
+    def _progressed(self, generation: int, ranks: int = 1) -> bool:
+        """At least ``ranks`` ranks completed the step ``generation`` resumed at."""
         key = protocol.INPROC_PROGRESSED_COUNTER.format(generation=generation)
-        return int(self.store.add(key, 0)) > 0
+        return int(self.store.add(key, 0)) >= ranks
 
     def _step_of(self, generation: int) -> int | None:
         key = protocol.INPROC_STEP_KEY.format(generation=generation)
@@ -185,6 +194,7 @@ class Coordinator:
             return None
         done = protocol.INPROC_DONE_COUNTER.format(generation=current.generation)
         if int(self.store.add(done, 0)) >= self.world_size:
+            self.redoing = (current.generation, time.monotonic())
             self.current = None
             return None
         waited = time.monotonic() - current.began
@@ -202,6 +212,21 @@ class Coordinator:
             f"{missing} never finished it (blocked in a collective a recovery cannot wake, "
             f"such as a plain torch.distributed call in the step? ckpt.all_reduce is woken)"
         )
+
+    def busy(self) -> bool:
+        """A recovery is under way, or its replacement still redoes the step
+        it resumed at: the agent's own work can wait (REDO_HOLD_S)."""
+        if self.current is not None:
+            return True
+        if self.redoing is None:
+            return False
+        generation, done_at = self.redoing
+        if time.monotonic() - done_at > REDO_HOLD_S or self._progressed(
+            generation, self.world_size
+        ):
+            self.redoing = None
+            return False
+        return True
 
     def interrupted(self, ranks: list[int]) -> int | None:
         """The generation of the recovery under way that the failure of
