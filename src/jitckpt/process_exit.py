@@ -1,33 +1,36 @@
-"""Ending a jitckpt process without Python's finalization, where it is
-unsafe (a worker after an in-process recovery) or only slow (the launcher
-and the warm pool's zygote, which have nothing left to finalize).
+"""Ending a jitckpt process without Python's finalization: a worker (where
+finalizing can be unsafe, and is always slow), the launcher and the warm
+pool's zygote.
 
-An in-process recovery abandons the old group's pending gloo calls (nothing
-cancels them: docs/platform.md, "Nothing cancels a pending gloo call"). Such
-a call ends only when a peer's process exits and closes its connections, and
-jitckpt waits on these calls from Python, through a callback on their
-futures. If a peer exits while this interpreter is finalizing, gloo's thread
-fails the call and must take the GIL to run (or free) that callback; CPython
-ends a thread that asks for the GIL during finalization with
-``pthread_exit``, whose unwinding through C++ calls ``std::terminate``: the
-process aborts (SIGABRT, "terminate called after throwing an instance of
-'gloo::IoException'") after training finished, and the launcher sees a
-failed worker. Measured: every cold-started survivor whose abandoned call
-had not ended by the end of its script.
+Slow: finalizing an interpreter that has imported torch took 0.5-0.6 s here
+(measured: end of script to process reaped; 0.02 s with ``os._exit``), and
+a 4-rank launch ended 0.75 s sooner when its workers skipped it, paid by
+every job and every restart.
 
-So the worker's entry point (jitckpt.launch.bootstrap) asks :func:`unsafe`
-when the script has ended; if a registered check says so, it ends the
-process as Python would (non-daemon threads joined, atexit handlers run,
-stdio flushed, the same exit status) but with ``os._exit``, which skips the
-finalization.
+Unsafe: an in-process recovery abandons the old group's pending gloo calls
+(nothing cancels them: docs/platform.md, "Nothing cancels a pending gloo
+call"). Such a call ends only when a peer's process exits and closes its
+connections, and jitckpt waits on these calls from Python, through a
+callback on their futures. If a peer exits while this interpreter is
+finalizing, gloo's thread fails the call and must take the GIL to run (or
+free) that callback; CPython ends a thread that asks for the GIL during
+finalization with ``pthread_exit``, whose unwinding through C++ calls
+``std::terminate``: the process aborts (SIGABRT, "terminate called after
+throwing an instance of 'gloo::IoException'") after training finished, and
+the launcher sees a failed worker. Measured: every cold-started survivor
+whose abandoned call had not ended by the end of its script.
 
-The launcher (``jitckpt run``) and the zygote end the same way, always:
-both have imported torch, and finalizing an interpreter that has took
-0.5-0.6 s here (measured: end of script to process reaped, 0.02 s with
-``os._exit``), paid on every launch. Once they are done (workers stopped,
-the event log written line by line, output flushed) nothing of theirs is
-left to finalize. A user's script is never ended this way unless it is
-unsafe: its own open files are flushed only by finalization.
+So the worker's entry point (jitckpt.launch.bootstrap) ends the process as
+Python would (non-daemon threads joined, atexit handlers run, the script's
+open files and stdio flushed, the same exit status) but with ``os._exit``,
+which skips the teardown of modules and objects. What a script loses is what
+Python does not promise at exit anyway: ``__del__`` of objects still alive.
+``JITCKPT_FINALIZE=1`` asks for the full finalization, which the worker then
+gets unless a registered check (:func:`register`) says it is unsafe.
+
+The launcher (``jitckpt run``) and the zygote always end this way: once
+they are done (workers stopped, the event log written line by line, output
+flushed) nothing of theirs is left to finalize.
 
 Torch-free and stdlib-only: the bootstrap imports it before torch.
 """
@@ -35,11 +38,16 @@ Torch-free and stdlib-only: the bootstrap imports it before torch.
 from __future__ import annotations
 
 import atexit
+import gc
+import io
 import os
 import sys
 import threading
 from collections.abc import Callable
 from typing import NoReturn
+
+# Set to 1 in a worker's environment to have Python finalize it as usual.
+FINALIZE_ENV = "JITCKPT_FINALIZE"
 
 _checks: list[Callable[[], bool]] = []
 _lock = threading.Lock()
@@ -70,6 +78,12 @@ def unsafe() -> bool:
         except Exception:  # noqa: BLE001 - see the docstring
             return True
     return False
+
+
+def finalize_wanted() -> bool:
+    """The worker should end through Python's finalization: asked for
+    (FINALIZE_ENV) and safe now."""
+    return os.environ.get(FINALIZE_ENV) == "1" and not unsafe()
 
 
 _script_end: list[Callable[[int], None]] = []
@@ -118,9 +132,23 @@ def end_process(status: int) -> NoReturn:
         if thread is not current and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()
+    flush_open_files()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(status)
+
+
+def flush_open_files() -> None:
+    """Flush every open, writable Python file object (what finalization does
+    as it frees them): a script's unclosed log or results file keeps what it
+    wrote."""
+    for obj in gc.get_objects():
+        if isinstance(obj, (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)):
+            try:
+                if not obj.closed and obj.writable():
+                    obj.flush()
+            except (OSError, ValueError):
+                continue  # a broken pipe, a full disk: as finalization, go on

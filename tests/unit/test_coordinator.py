@@ -51,7 +51,7 @@ def test_the_agent_stays_busy_until_every_rank_redid_the_step_or_the_hold_passed
     assert not c.busy()
     generation = c.begin({2: 2})
     assert c.busy()  # the recovery itself
-    for rank in range(4):
+    for _ in range(4):
         c.store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
     assert c.check() is None and c.current is None
     progressed = protocol.INPROC_PROGRESSED_COUNTER.format(generation=generation)
@@ -62,7 +62,7 @@ def test_the_agent_stays_busy_until_every_rank_redid_the_step_or_the_hold_passed
     assert not c.busy()
     # A redo that never completes holds the agent back only REDO_HOLD_S.
     generation = c.begin({1: 1})
-    for rank in range(4):
+    for _ in range(4):
         c.store.add(protocol.INPROC_DONE_COUNTER.format(generation=generation), 1)
     c.check()
     assert c.busy()

@@ -1,7 +1,7 @@
-"""jitckpt.process_exit through the worker bootstrap: when a registered check
-says finalization is unsafe, the worker still ends as the script would have
-(exit status, atexit handlers, non-daemon threads, flushed output), only
-without Python's finalization."""
+"""jitckpt.process_exit through the worker bootstrap: a worker ends as the
+script would have (exit status, atexit handlers, non-daemon threads, flushed
+output and open files), only without Python's finalization, unless
+JITCKPT_FINALIZE=1 asks for it and no registered check says it is unsafe."""
 
 from __future__ import annotations
 
@@ -28,13 +28,16 @@ def late():
 threading.Thread(target=late).start()
 
 
-class Probe:  # says when the interpreter's finalization frees it
-    def __del__(self, write=os.write):
+def probe(event, args, write=os.write):
+    # Raised by the interpreter's finalization (and by nothing else).
+    if event in ("cpython.PyInterpreterState_Clear", "cpython._PySys_ClearAuditHooks"):
         write(1, b"finalized\\n")
 
 
-sys.jitckpt_probe = Probe()
+sys.addaudithook(probe)
 print("buffered", end="")  # flushed only at the end
+log = open(sys.argv[3], "w")  # never closed: its buffer is flushed at the end
+log.write("kept")
 ending = sys.argv[2]
 if ending == "exit3":
     sys.exit(3)
@@ -45,16 +48,25 @@ if ending == "raise":
 """
 
 
-def run_worker(tmp_path: Path, unsafe: str, ending: str) -> subprocess.CompletedProcess[str]:
+def run_worker(
+    tmp_path: Path, unsafe: str, ending: str, finalize: bool = False
+) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    return subprocess.run(
-        [sys.executable, "-m", "jitckpt.launch.bootstrap", str(script), unsafe, ending],
+    log = tmp_path / f"log-{unsafe}-{int(finalize)}.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "jitckpt.launch.bootstrap", str(script), unsafe, ending, str(log)],
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+        env={
+            "PYTHONPATH": str(SRC),
+            "PATH": "/usr/bin:/bin",
+            **({"JITCKPT_FINALIZE": "1"} if finalize else {}),
+        },
     )
+    assert log.read_text() == "kept", "the script's unclosed file lost what it wrote"
+    return done
 
 
 @pytest.mark.parametrize(
@@ -66,12 +78,16 @@ def run_worker(tmp_path: Path, unsafe: str, ending: str) -> subprocess.Completed
         ("raise", 1, "ValueError: boom"),
     ],
 )
-def test_an_unsafe_worker_ends_as_the_script_would(
+def test_a_worker_ends_as_the_script_would_without_finalization(
     tmp_path: Path, ending: str, status: int, stderr_has: str
 ) -> None:
-    normal = run_worker(tmp_path, "safe", ending)
-    skipped = run_worker(tmp_path, "unsafe", ending)
-    for done in (normal, skipped):
+    """The default, and JITCKPT_FINALIZE=1 where finalizing is unsafe, skip
+    finalization; JITCKPT_FINALIZE=1 where it is safe does not."""
+    normal = run_worker(tmp_path, "safe", ending, finalize=True)
+    skipped = run_worker(tmp_path, "safe", ending)
+    unsafe = run_worker(tmp_path, "unsafe", ending, finalize=True)
+    assert skipped.stdout == unsafe.stdout
+    for done in (normal, skipped, unsafe):
         assert done.returncode == status, done.stderr
         assert "buffered" in done.stdout
         assert "thread finished" in done.stdout

@@ -5,10 +5,13 @@ It installs the SIGTERM thread before anything else runs, while the process
 still has a single thread, so every thread torch and gloo start later
 inherits the blocked mask (see jitckpt.detect.signals), makes a plain
 ``torch.distributed.init_process_group`` build jitckpt's group
-(jitckpt.launch.adopt), then runs the training script as ``__main__``. When the script ends it checks jitckpt.process_exit: after
-an in-process recovery, finalizing the interpreter may abort the process,
-and the worker then ends without it (same exit status). Importing the jitckpt package here is cheap: its
-public names load lazily, and this module imports only the standard library.
+(jitckpt.launch.adopt), then runs the training script as ``__main__``. When
+the script ends, the worker ends as the script would (same exit status,
+atexit handlers, open files flushed) without Python's finalization, which
+is slow with torch loaded and can abort the process after an in-process
+recovery (jitckpt.process_exit; JITCKPT_FINALIZE=1 asks for it). Importing
+the jitckpt package here is cheap: its public names load lazily, and this
+module imports only the standard library.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ def main(argv: list[str]) -> None:
         _run(argv)
     except SystemExit as exc:
         process_exit.script_ended(process_exit.status_of(exc, quiet=True))
-        if not process_exit.unsafe():
+        if process_exit.finalize_wanted():
             raise
         status = process_exit.status_of(exc)
     except BaseException:
-        if not process_exit.unsafe():
+        if process_exit.finalize_wanted():
             raise
         # What Python does with an uncaught exception (130: Ctrl-C).
         sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
@@ -52,7 +55,7 @@ def main(argv: list[str]) -> None:
     else:
         process_exit.script_ended(0)
         _say_if_transparent_followed_nothing()
-        if not process_exit.unsafe():
+        if process_exit.finalize_wanted():
             return
         status = 0
     process_exit.end_process(status)
