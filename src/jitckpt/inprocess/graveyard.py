@@ -33,7 +33,9 @@ def quiet_abandoned_loops() -> int:
     """Give the gloo event-loop threads alive now the lowest CPU priority
     (SCHED_IDLE); returns how many. Called when a recovery's notice
     arrives, before the new group exists, so every such thread belongs to a
-    group the recovery abandons (each includes the dead rank). Why: an abandoned
+    group formed before the failure: the default group, which the recovery
+    abandons, or a group the script made itself (a recovery does not re-form
+    those; one that includes the dead rank is broken). Why: an abandoned
     group's loop can spin on a connection to a *survivor* that still holds
     bytes for a call this rank gave up (gloo waits for a receive buffer that
     will never be posted, and its level-triggered epoll reports the socket
