@@ -146,7 +146,9 @@ def flush_open_files() -> None:
     as it frees them): a script's unclosed log or results file keeps what it
     wrote."""
     for obj in gc.get_objects():
-        if isinstance(obj, (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)):
+        # type(), not isinstance(): isinstance reads __class__, which some
+        # objects (torch's deprecated aliases) answer with a warning.
+        if issubclass(type(obj), (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)):
             try:
                 if not obj.closed and obj.writable():
                     obj.flush()
