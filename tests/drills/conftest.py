@@ -6,7 +6,7 @@ interval or the periodic backstop."""
 from __future__ import annotations
 
 import pytest
-from jobs import cnn_args, example_args, jitckpt_run, show
+from jobs import cnn_args, default_mode_example_args, example_args, jitckpt_run, show
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def default_mode_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     (non-deterministic) mode, EXAMPLE_STEPS steps: default-mode drills
     compare their logged losses with it (jobs.assert_loss_continues)."""
     base = tmp_path_factory.mktemp("default-mode-reference")
-    args = [a for a in example_args(base / "run", base / "digest") if a != "--deterministic"]
+    args = default_mode_example_args(base / "run", base / "digest")
     launch = jitckpt_run(*args)
     assert launch.returncode == 0, show(launch)
     assert launch.resumed_steps() == []

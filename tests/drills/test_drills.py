@@ -18,6 +18,7 @@ from jobs import (
     EXAMPLE_STEPS,
     assert_loss_continues,
     check_recovered,
+    default_mode_example_args,
     example_args,
     jitckpt_run,
     kill_tagged,
@@ -37,8 +38,9 @@ RESTART = ("--recovery", "restart")
 def train_args(
     run_dir: Path, digest: Path, steps: int = STEPS, deterministic: bool = True
 ) -> list[str]:
-    args = example_args(run_dir, digest, steps)
-    return args if deterministic else [a for a in args if a != "--deterministic"]
+    if deterministic:
+        return example_args(run_dir, digest, steps)
+    return default_mode_example_args(run_dir, digest, steps)
 
 
 # Two failures per launch, in two attempts: every phase is covered at the

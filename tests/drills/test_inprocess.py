@@ -16,6 +16,7 @@ from jobs import (
     Launch,
     assert_loss_continues,
     check_in_process,
+    default_mode_example_args,
     example_args,
     jitckpt_run,
     show,
@@ -286,7 +287,7 @@ def test_default_mode_kill_and_hang_are_recovered_in_process(
         "--spares", "1",
         "--inject", "kill@step=4,rank=2,phase=backward",
         "--inject", "hang@step=8,rank=1,phase=allreduce",
-        *[a for a in example_args(run_dir, digest) if a != "--deterministic"],
+        *default_mode_example_args(run_dir, digest),
     )  # fmt: skip
     check_in_process(run_dir, digest, None, launch, [4, 8], "spare")
     assert "in-process recovery does not apply" not in launch.output, show(launch)
