@@ -63,7 +63,7 @@ class JitAgent(LocalElasticAgent):
         inprocess: bool = False,
         spares: int = 0,
         recovery_timeout_s: float = RECOVERY_DEADLINE_S,
-        exit_wait_s: float = 0.02,
+        exit_wait_s: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)

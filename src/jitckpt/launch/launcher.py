@@ -46,13 +46,6 @@ DEFAULT_MAX_RESTARTS = 3
 # a save is in progress, see jitckpt.launch.agent); a wedged one only delays the
 # restart by it.
 DEFAULT_TERM_GRACE_S = 5.0
-# With in-process recovery, the longest the agent waits for a worker to exit
-# between its other duties (kill requests, the spare pool, a recovery's
-# progress), unless --monitor-interval; an exit ends the wait at once. Each
-# round of duties costs a few store round trips: at 0.02 s the agent took
-# 60 ms of CPU in the 0.3 s a replacement redoes its step (measured on 2
-# cores), the time that in-process recovery exists to shorten.
-INPROCESS_MONITOR_INTERVAL_S = 0.1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,11 +205,15 @@ def run(argv: list[str]) -> int:
         inprocess = args.recovery == "auto" and config.max_nodes == 1
         if args.spares and not inprocess:
             parser.error("--spares needs in-process recovery (--recovery auto, one node)")
+        # With in-process recovery, the longest the agent waits for a worker
+        # to exit between its other duties (kill requests, the spare pool, a
+        # recovery's progress); an exit ends the wait at once. Each round of
+        # duties costs a few store round trips: at 0.02 s the agent took 60 ms
+        # of CPU in the 0.3 s a replacement redoes its step (measured on 2
+        # cores), so torchrun's --monitor-interval (0.1 s by default) stays.
         exit_wait_s = args.monitor_interval
         if inprocess:
             os.environ[protocol.INPROCESS_ENV] = "1"
-            if args.monitor_interval == parser.get_default("monitor_interval"):
-                exit_wait_s = INPROCESS_MONITOR_INTERVAL_S
             # The agent's poll is what notices an exit for in-process
             # recovery (torchrun's 0.1 s sleep was most of its detection
             # time): instead of sleeping, the agent waits on the workers'
@@ -274,7 +271,7 @@ def _launch(  # type: ignore[no-untyped-def]
     inprocess: bool = False,
     spares: int = 0,
     recovery_timeout_s: float = RECOVERY_DEADLINE_S,
-    exit_wait_s: float = INPROCESS_MONITOR_INTERVAL_S,
+    exit_wait_s: float = 0.1,
     loopback: bool = False,
 ) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
