@@ -166,8 +166,8 @@ EXAMPLE_BATCH = 4
 def example_args(run_dir: Path, digest: Path, steps: int = EXAMPLE_STEPS) -> list[str]:
     """The example GPT in deterministic mode, logging every step."""
     return [
-        str(EXAMPLE), "--steps", str(steps), "--run-dir", str(run_dir), "--digest", str(digest),
-        "--log-every", "1", "--deterministic", "--batch-size", str(EXAMPLE_BATCH),
+        *default_mode_example_args(run_dir, digest, steps),
+        "--deterministic", "--batch-size", str(EXAMPLE_BATCH),
     ]  # fmt: skip
 
 
