@@ -33,6 +33,9 @@ class Recovery(Protocol):
     """What the deterministic hook needs from in-process recovery
     (jitckpt.inprocess.recovery.InProcessRecovery)."""
 
+    # Where it finds a BufferBroadcast's send and receive, when there is one.
+    forward_buffers: Any
+
     def pending(self) -> bool: ...
     def add_waiter(self, event: threading.Event) -> None: ...
     def remove_waiter(self, event: threading.Event) -> None: ...
@@ -370,6 +373,16 @@ def _interruptibly(recovery: Recovery, buffer: torch.Tensor, start: Callable[[],
     return False
 
 
+class BroadcastResults(Protocol):
+    """The model's buffers as a step's forward-time broadcast left them
+    (jitckpt.state.buffers.BufferSnapshots)."""
+
+    names: list[str]
+
+    def of_step(self, step: int) -> dict[str, torch.Tensor] | None: ...
+    def live(self) -> dict[str, torch.Tensor]: ...
+
+
 class BufferBroadcast:
     """DDP's forward-time buffer broadcast (rank 0's buffers to every rank at
     the start of each forward: BatchNorm's running statistics), as a DDP
@@ -377,11 +390,18 @@ class BufferBroadcast:
     died recovers at this point (the forward of the step), then broadcasts
     again on the new group, where the replacement's redone forward meets it.
 
+    The broadcast does not wait for every rank: its root, and a rank that
+    got its part, can be in the step's reduction while another has not
+    reached the forward yet. A recovery then sends that rank the buffers as
+    the broadcast left them (``send``, ``receive``: TransferPlan.buffers_to),
+    and its forward takes them instead of broadcasting.
+
     Args:
         recovery: in-process recovery.
         step: the step in flight.
         last_reduced: the gradient hook's last reduced gradient (a rank one
             all-reduce behind may need it from this rank).
+        results: the buffers as each step's broadcast left them.
     """
 
     def __init__(
@@ -389,30 +409,79 @@ class BufferBroadcast:
         recovery: Recovery,
         step: Callable[[], int],
         last_reduced: Callable[[], torch.Tensor | None],
+        results: BroadcastResults,
     ) -> None:
         self.recovery = recovery
         self.step = step
         self.last_reduced = last_reduced
+        self.results = results
+        # (step, buffers by name) received in a recovery, for that step's forward.
+        self._given: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def hook(self, state: Any, named_buffers: dict[str, torch.Tensor]) -> None:
-        buffers = list(named_buffers.values())
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for buffer in buffers:
-            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        groups = _by_dtype(list(named_buffers.values()))
         recovery = self.recovery
         with torch.no_grad():
             while True:
                 if recovery.pending():
                     recovery.recover(position(self.step(), reduce=False), self.last_reduced())
-                flats = [torch.cat([b.reshape(-1) for b in group]) for group in by_dtype.values()]
+                given = self._given
+                if given is not None and given[0] == self.step():
+                    self._given = None
+                    for name, buffer in named_buffers.items():
+                        if name in given[1]:
+                            buffer.copy_(given[1][name])
+                    return None
+                flats = [_flatten(group) for group in groups]
                 if all(_interruptibly(recovery, flat, _broadcaster(flat)) for flat in flats):
                     break
-            for flat, group in zip(flats, by_dtype.values(), strict=True):
-                offset = 0
-                for buffer in group:
-                    buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
-                    offset += buffer.numel()
+            for flat, group in zip(flats, groups, strict=True):
+                _unflatten(flat, group)
         return None
+
+    def send(self, step: int, peers: list[int]) -> int:
+        """Send step ``step``'s broadcast buffers to ``peers`` (on the
+        default group); returns the bytes sent."""
+        values = self.results.of_step(step)
+        if values is None:
+            raise RuntimeError(
+                f"in-process recovery: no copy of the buffers step {step}'s forward broadcast"
+            )
+        flats = [_flatten(g) for g in _by_dtype([values[n] for n in self.results.names])]
+        for peer in peers:
+            for flat in flats:
+                dist.send(flat, peer)
+        return len(peers) * sum(flat.numel() * flat.element_size() for flat in flats)
+
+    def receive(self, step: int, source: int) -> None:
+        """Receive step ``step``'s broadcast buffers from ``source``, for
+        that step's forward."""
+        live = self.results.live()
+        copies = [live[n].detach().clone() for n in self.results.names]
+        for group in _by_dtype(copies):
+            flat = _flatten(group)
+            dist.recv(flat, source)
+            _unflatten(flat, group)
+        self._given = (step, dict(zip(self.results.names, copies, strict=True)))
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The tensors grouped by dtype, in order (one collective per group)."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    return list(groups.values())
+
+
+def _flatten(group: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in group])
+
+
+def _unflatten(flat: torch.Tensor, group: list[torch.Tensor]) -> None:
+    offset = 0
+    for tensor in group:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def _broadcaster(flat: torch.Tensor) -> Callable[[], Any]:

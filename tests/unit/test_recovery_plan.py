@@ -61,3 +61,24 @@ def test_several_replacements_are_all_sent_the_state() -> None:
 def test_no_rank_with_a_state_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="no rank has a state"):
         plan_transfer([NO_STATE, NO_STATE])
+
+
+def test_a_rank_behind_the_broadcast_root_gets_the_gradient_and_the_forward_buffers() -> None:
+    # Rank 2 died in step 5's backward. Ranks 0 (the broadcast's root) and 1
+    # passed step 5's buffer broadcast and wait in its reduction; rank 3 had
+    # not read the last bytes of step 4's all-reduce when rank 2's connection
+    # reset. Rank 3 needs step 4's gradient, then step 5's broadcast buffers:
+    # at its forward nobody broadcasts any more.
+    plan = plan_transfer([reduce(5), reduce(5), NO_STATE, reduce(4)])
+    assert (plan.step, plan.at_reduce, plan.source, plan.behind) == (5, True, 0, [3])
+    assert (plan.gradient_to, plan.buffers_to) == ([3], [3])
+
+
+def test_a_rank_still_in_the_forward_gets_only_the_buffers() -> None:
+    plan = plan_transfer([reduce(5), forward(5), NO_STATE, reduce(5)])
+    assert (plan.source, plan.behind, plan.gradient_to, plan.buffers_to) == (0, [1], [], [1])
+
+
+def test_when_the_others_wait_in_the_forward_a_rank_behind_broadcasts_with_them() -> None:
+    plan = plan_transfer([reduce(6), forward(7), NO_STATE, forward(7)])
+    assert (plan.gradient_to, plan.buffers_to) == ([0], [])

@@ -205,9 +205,13 @@ class DdpLayout:
                     # DDP's buffer broadcast at each forward is a collective
                     # too: a survivor waiting there must be woken as well.
                     buffers = BufferBroadcast(
-                        self.recovery, lambda: ctx.tracker.position().completed, reducer.last_flat
+                        self.recovery,
+                        lambda: ctx.tracker.position().completed,
+                        reducer.last_flat,
+                        ctx.buffers,
                     )
                     compat.register_buffer_hook(model, buffers.hook)
+                    self.recovery.forward_buffers = buffers
             elif ctx.injector.wants("allreduce"):
                 model.register_comm_hook(None, observed_allreduce_hook(on_bucket))
             else:

@@ -14,12 +14,15 @@ inside the hook:
    (``new_group`` cannot: it needs a working default group). The old group is
    dropped later by a background thread: its destructor waits for the
    pending gloo call (jitckpt.inprocess.graveyard);
-2. exchanges positions: each survivor says which step's all-reduce it waits
-   for. Healthy ranks are at most one all-reduce apart (the next one needs
-   everybody). The most advanced consistent step wins: a rank one behind
-   receives the reduced gradient it missed from the lowest rank ahead, the
-   replacement receives the whole state (model, optimizer, scheduler, data
-   position) of that step from the same rank, point to point, nobody else;
+2. exchanges positions: each survivor says where it waits (a step's
+   forward-time buffer broadcast or its all-reduce). Healthy ranks are at
+   most one all-reduce apart (the next one needs everybody). The most
+   advanced position wins: a rank behind receives what it would otherwise
+   wait for from peers past it (the reduced gradient it missed, the buffers
+   of a forward broadcast the others left: TransferPlan) from the lowest
+   rank ahead, the replacement receives the whole state (model, optimizer,
+   scheduler, data position) of that step from the same rank, point to
+   point, nobody else;
 3. reduces the gradient of the step in flight on the new group. The
    replacement redoes that step from its start (``steps()`` begins there).
 
@@ -37,7 +40,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -94,15 +97,39 @@ class TransferPlan:
     """Who sends what after the new group exchanged positions (each rank's
     position: where it waits, jitckpt.comm.position: the forward of a step
     (its buffer broadcast) or the reduction of its gradients; NO_STATE for a
-    replacement). Healthy ranks are at most one collective apart, so the
-    most advanced position is one every rank can reach: the lowest rank at it
-    sends the whole state to each replacement and the reduced gradient it
-    already has to each rank one all-reduce behind."""
+    replacement). The most advanced position is one every rank can reach:
+    the lowest rank at it sends the whole state to each replacement and, to
+    the ranks behind, what they would otherwise wait for from peers that are
+    past it.
+
+    How far behind a healthy rank can be: an all-reduce needs everybody, so
+    at most one reduction (a rank that had not read the last bytes of step
+    s-1's all-reduce when the dead peer's connection reset). DDP's buffer
+    broadcast at forward s does not need everybody: its root (rank 0), and
+    any rank that received its part before the failure, go on to step s's
+    reduction without the others. So when the target is the reduction of
+    step s, a rank at forward s or at step s-1's reduction will reach
+    forward s, where nobody broadcasts any more: it receives the buffers as
+    that broadcast left them (``buffers_to``)."""
 
     position: int
     source: int
     replacements: list[int] = field(default_factory=list)
     behind: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+
+    @property
+    def gradient_to(self) -> list[int]:
+        """Ranks one reduction behind (step s-1's, the target being step
+        s's forward or reduction): they get the source's last reduced
+        gradient, which is step s-1's."""
+        return [r for r in self.behind if at_reduce(self.positions[r])]
+
+    @property
+    def buffers_to(self) -> list[int]:
+        """Ranks that will reach the forward of the target's step after the
+        others left it (see the class docstring)."""
+        return list(self.behind) if self.at_reduce else []
 
     @property
     def step(self) -> int:
@@ -131,7 +158,16 @@ def plan_transfer(positions: list[int]) -> TransferPlan:
         source=positions.index(target),
         replacements=[r for r, p in enumerate(positions) if p == NO_STATE],
         behind=[r for r, p in enumerate(positions) if NO_STATE < p < target],
+        positions=list(positions),
     )
+
+
+class ForwardBuffers(Protocol):
+    """The buffers of a step's forward-time broadcast, sent to a rank that
+    reaches that forward after the others left it (jitckpt.comm.BufferBroadcast)."""
+
+    def send(self, step: int, peers: list[int]) -> int: ...
+    def receive(self, step: int, source: int) -> None: ...
 
 
 class InProcessRecovery:
@@ -181,6 +217,10 @@ class InProcessRecovery:
             )
         )
         self._placeholder: dist.ProcessGroup | None = None
+        # The model's buffers as DDP's forward-time broadcast leaves them,
+        # when it has any (jitckpt.comm.BufferBroadcast): ranks behind the
+        # others' forward receive them in a recovery (TransferPlan.buffers_to).
+        self.forward_buffers: ForwardBuffers | None = None
         self._stop = threading.Event()
         # Set by the launcher's notice signal (and at stop).
         self._poke = threading.Event()
@@ -361,16 +401,20 @@ class InProcessRecovery:
         if self.rank == plan.source:
             for peer in plan.replacements:
                 sent += self._send_state(peer, plan.step)
-            for peer in plan.behind:
+            for peer in plan.gradient_to:
                 if last_reduced is None:
                     raise RuntimeError("in-process recovery: no reduced gradient to send")
                 dist.send(last_reduced, peer)
                 sent += last_reduced.numel() * last_reduced.element_size()
-        elif self.rank in plan.behind:
+            if plan.buffers_to and self.forward_buffers is not None:
+                sent += self.forward_buffers.send(plan.step, plan.buffers_to)
+        elif self.rank in plan.gradient_to:
             if last_reduced is None:
                 raise RuntimeError("in-process recovery: behind without a gradient buffer")
             received = torch.empty_like(last_reduced)
             dist.recv(received, plan.source)
+        if self.rank in plan.buffers_to and self.forward_buffers is not None:
+            self.forward_buffers.receive(plan.step, plan.source)
         role = plan.role(self.rank)
         self._finish(notice, role, plan.step, unblocked, reform_s, time.monotonic() - started, sent)
         return received

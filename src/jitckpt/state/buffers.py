@@ -67,6 +67,17 @@ class BufferSnapshots:
         self.values = {name: buffers[name].detach().clone() for name in self.names}
         self.step = step
 
+    def of_step(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The snapshot, if it is step ``step``'s (an in-process recovery
+        sends it to a rank that has yet to reach that forward:
+        jitckpt.comm.BufferBroadcast)."""
+        return self.values if self.broadcast and self.step == step else None
+
+    def live(self) -> dict[str, torch.Tensor]:
+        """The model's buffers now, by name (the snapshot's names)."""
+        buffers = dict(self._inner.named_buffers())
+        return {name: buffers[name] for name in self.names}
+
     def for_step(self, step: int, rank: int) -> tuple[dict[str, torch.Tensor] | None, bool | None]:
         """The buffers to save with the state of ``step``: (replacements for
         the model's state dict, or None to take the live buffers; whether the
