@@ -56,6 +56,8 @@ RANK = textwrap.dedent(
     report["step6"] = {n: b.tolist() for n, b in bn.named_buffers()}
     with open(out, "w") as handle:
         json.dump(report, handle)
+    dist.barrier()  # neither ends while the other's last broadcast is in flight
+    dist.destroy_process_group()
     """
 )
 
