@@ -20,11 +20,15 @@ from typing import Any
 # enough for every peer to have re-formed (their old connections close,
 # which ends our pending gloo call instead of waiting for the group timeout).
 RELEASE_DELAY_S = 1.0
-# How long the end of training waits for the graveyard (RELEASE_DELAY_S and
-# the drops: ~1.0-1.1 s after the last recovery here).
-SETTLE_TIMEOUT_S = 10.0
+# How long the end of training waits for the graveyard: RELEASE_DELAY_S and
+# the drops, ~1.0-1.1 s after the last recovery here. A drop still blocked
+# after that waits for a call only the group's timeout ends (Graveyard); the
+# process then ends without Python's finalization (jitckpt.process_exit).
+SETTLE_TIMEOUT_S = 3.0
 
 
+# The graveyard's threads (its timer, and each drop).
+GRAVEYARD_THREAD = "jitckpt-graveyard"
 # The name gloo gives the event-loop thread of each group's transport.
 GLOO_LOOP_THREAD = "gloo_tcp_loop"
 
@@ -74,9 +78,12 @@ def resource_counts() -> dict[str, int]:
 
 
 class Graveyard:
-    """Holds abandoned groups and pending work and drops them from a
-    background thread, never from the training thread (the module docstring).
-
+    """Holds abandoned groups and pending work and drops them off the
+    training thread (the module docstring): each item ``RELEASE_DELAY_S``
+    after it was kept, on a thread of its own, so that a drop that blocks
+    holds up nothing else. (One can block until the group's timeout: a
+    pending receive whose peer died in the middle of a message is not always
+    woken by gloo, docs/platform.md; nothing but that timeout ends it.)
     ``on_release(what, held_s, drop_s)`` is called after each drop: how long
     the item was held (from ``keep`` to the end of its drop) and how long the
     drop itself blocked (a gloo group's destructor waits for its pending
@@ -84,7 +91,8 @@ class Graveyard:
 
     def __init__(self, on_release: Any = None) -> None:
         self._items: list[tuple[float, float, Any]] = []
-        self._lock = threading.Lock()
+        self._dropping = 0
+        self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._on_release = on_release or (lambda what, held_s, drop_s: None)
 
@@ -94,13 +102,14 @@ class Graveyard:
             self._items.append((now + RELEASE_DELAY_S, now, item))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
-                    target=self._release, name="jitckpt-graveyard", daemon=True
+                    target=self._release, name=GRAVEYARD_THREAD, daemon=True
                 )
                 self._thread.start()
 
     def __len__(self) -> int:
+        """Items kept and not dropped yet (those being dropped included)."""
         with self._lock:
-            return len(self._items)
+            return len(self._items) + self._dropping
 
     def _release(self) -> None:
         while True:
@@ -108,30 +117,41 @@ class Graveyard:
                 if not self._items:
                     self._thread = None
                     return
-                due, _, _ = self._items[0]
+                due = self._items[0][0]
             time.sleep(max(0.0, due - time.monotonic()))
+            # No local name here refers to the item: the drop thread must
+            # hold the last reference, or the drop would happen here.
             with self._lock:
-                _, kept, item = self._items[0]
-            what = type(item[0] if isinstance(item, tuple) else item).__name__
-            dropping = time.monotonic()
-            # The list's reference is the last one: the drop happens here and
-            # may block until the pending gloo call ends.
-            with self._lock:
-                self._items.pop(0)
-            del item
-            done = time.monotonic()
-            try:
-                self._on_release(what, done - kept, done - dropping)
-            except Exception:  # noqa: BLE001 - a report must not stop the releases
-                pass
+                holder = [self._items.pop(0)]
+                self._dropping += 1
+            threading.Thread(
+                target=self._drop, args=(holder,), name=GRAVEYARD_THREAD, daemon=True
+            ).start()
+
+    def _drop(self, holder: list[tuple[float, float, Any]]) -> None:
+        _, kept, item = holder.pop()
+        what = type(item[0] if isinstance(item, tuple) else item).__name__
+        dropping = time.monotonic()
+        # This frame holds the last reference: the drop happens here and may
+        # block until the pending gloo call ends.
+        del item
+        done = time.monotonic()
+        with self._lock:
+            self._dropping -= 1
+            self._lock.notify_all()
+        try:
+            self._on_release(what, done - kept, done - dropping)
+        except Exception:  # noqa: BLE001 - a report must not stop the releases
+            pass
 
     def join(self, timeout: float) -> bool:
         """Wait until everything kept is dropped (or ``timeout``); True if so."""
         deadline = time.monotonic() + timeout
-        while True:
-            thread = self._thread
-            if thread is None or not thread.is_alive():
-                return len(self) == 0
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if time.monotonic() >= deadline:
-                return len(self) == 0 and not thread.is_alive()
+        with self._lock:
+            while self._items or self._dropping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # Woken by each finished drop; items not due yet: poll.
+                self._lock.wait(min(left, 0.05))
+            return True
