@@ -55,7 +55,7 @@ def test_on_release_reports_what_how_long_held_and_how_long_the_drop_blocked() -
     log: list[tuple[str, float, str]] = []
     reports: list[tuple[str, float, float]] = []
     yard = Graveyard(on_release=lambda what, held_s, drop_s: reports.append((what, held_s, drop_s)))
-    yard.keep((Group(log, "slow", block_s=0.05), "pending work"))
+    yard.keep((Group(log, "slow", block_s=0.5), "pending work"))
     yard.keep(Group(log, "fast"))
     assert yard.join(2)
     # A drop that blocks does not hold up the next one.
@@ -63,8 +63,8 @@ def test_on_release_reports_what_how_long_held_and_how_long_the_drop_blocked() -
     # Reported as each drop ends: the fast one first.
     (fast_what, fast_held, fast_drop), (slow_what, slow_held, slow_drop) = reports
     assert slow_what == "Group" and fast_what == "Group"  # a tuple is named by its first item
-    assert slow_drop >= 0.05 and slow_held >= DELAY_S + 0.05
-    assert 0 <= fast_drop < 0.05 and fast_held >= DELAY_S
+    assert slow_drop >= 0.5 and slow_held >= DELAY_S + 0.5
+    assert 0 <= fast_drop < 0.5 and fast_held >= DELAY_S
 
 
 def test_join_is_false_while_something_is_held_and_true_once_empty() -> None:
@@ -89,7 +89,8 @@ def test_failing_report_does_not_stop_later_releases() -> None:
     yard.keep(Group(log, "a"))
     yard.keep(Group(log, "b"))
     assert yard.join(2)
-    assert [name for name, _, _ in log] == ["a", "b"] and reports == ["Group", "Group"]
+    # Each drops on its own thread: in either order.
+    assert sorted(name for name, _, _ in log) == ["a", "b"] and reports == ["Group", "Group"]
 
 
 def test_items_kept_after_the_thread_ended_are_still_dropped() -> None:
@@ -128,7 +129,7 @@ def test_resource_counts_see_threads_and_file_descriptors(tmp_path: Path) -> Non
 
 
 QUIET_A_GLOO_GROUP = """
-import os, torch.distributed as dist
+import os, time, torch.distributed as dist
 from jitckpt.inprocess.graveyard import GLOO_LOOP_THREAD, quiet_abandoned_loops
 
 def loops():
@@ -141,6 +142,10 @@ def loops():
     return found
 
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+# The loop thread names itself once it runs: under load, a moment later.
+deadline = time.monotonic() + 10
+while not loops() and time.monotonic() < deadline:
+    time.sleep(0.01)
 before = loops()
 quieted = quiet_abandoned_loops()
 print(sorted(before.values()), quieted, sorted(loops().values()))
