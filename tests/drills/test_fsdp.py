@@ -74,45 +74,35 @@ def check_recovered(
     return failures
 
 
-@pytest.mark.parametrize(
-    ("faults", "resumes", "dead"),
-    [
-        # forward of step 3 (rank 2) and allreduce of step 7 (rank 1): state before the step
-        (
-            ["kill@step=3,rank=2,phase=forward", "kill@step=7,rank=1,phase=allreduce"],
-            [3, 7],
-            [2, 1],
-        ),
-        # backward of step 3 (rank 3); optimizer of step 7 (rank 1): the others finish step 7
-        (
-            ["kill@step=3,rank=3,phase=backward", "kill@step=7,rank=1,phase=optimizer"],
-            [3, 8],
-            [3, 1],
-        ),
-    ],
-    ids=["forward+allreduce", "backward+optimizer"],
-)
-def test_hsdp_kill_in_phase_resumes_exactly(
-    tmp_path: Path,
-    reference: tuple[str, Path],
-    faults: list[str],
-    resumes: list[int],
-    dead: set[int],
+def test_hsdp_kills_in_every_phase_and_a_hang_resume_exactly(
+    tmp_path: Path, reference: tuple[str, Path]
 ) -> None:
-    injections = [arg for fault in faults for arg in ("--inject", fault)]
-    launch = jitckpt_run(*injections, *fsdp_args(tmp_path / "run", tmp_path / "digest"))
-    check_recovered(tmp_path / "run", tmp_path / "digest", reference[0], launch, resumes, dead)
-
-
-def test_hsdp_hang_in_backward_resumes_exactly(tmp_path: Path, reference: tuple[str, Path]) -> None:
+    """One job, five failures: kills in the forward (rank 2), backward (rank
+    3), all-reduce (rank 1) and optimizer step (rank 1), and a hang in
+    backward (rank 2). Each resumes from the JIT checkpoint the survivors
+    wrote, one rank per shard and never the dead one: from the state before
+    the failed step, or after it for the optimizer step (the others finish
+    it); and the job ends bitwise equal to the failure-free run."""
+    faults = [  # (spec, resumed step, the rank that is gone: -1 for the hang)
+        ("kill@step=2,rank=2,phase=forward", 2, 2),
+        ("kill@step=3,rank=3,phase=backward", 3, 3),
+        ("hang@step=5,rank=2,phase=backward", 5, -1),
+        ("kill@step=6,rank=1,phase=allreduce", 6, 1),
+        ("kill@step=8,rank=1,phase=optimizer", 9, 1),
+    ]
+    injections = [arg for spec, _, _ in faults for arg in ("--inject", spec)]
     launch = jitckpt_run(
-        "--inject", "hang@step=3,rank=2,phase=backward",
-        *fsdp_args(tmp_path / "run", tmp_path / "digest"),
-    )  # fmt: skip
-    (failure,) = check_recovered(
-        tmp_path / "run", tmp_path / "digest", reference[0], launch, [3], [-1]
+        "--max-restarts", "5", *injections, *fsdp_args(tmp_path / "run", tmp_path / "digest")
     )
-    assert any(d["cause"] == "hang" for d in failure["detections"]), failure
+    failures = check_recovered(
+        tmp_path / "run",
+        tmp_path / "digest",
+        reference[0],
+        launch,
+        [resumed for _, resumed, _ in faults],
+        [gone for _, _, gone in faults],
+    )
+    assert any(d["cause"] == "hang" for d in failures[2]["detections"]), failures[2]
 
 
 def test_fsdp_exception_saves_every_shard_and_kill_falls_back_to_periodic(
