@@ -13,7 +13,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 from jobs import (
     EXAMPLE_STEPS,
     assert_loss_continues,
@@ -43,42 +42,41 @@ def train_args(
     return default_mode_example_args(run_dir, digest, steps)
 
 
-# Two failures per launch, in two attempts: every phase is covered at the
-# cost of two launches instead of four (a launch costs ~10 s here).
-PHASE_PAIRS = [
-    # (first failure, second failure, resumed steps)
-    (("forward", 2), ("allreduce", 1), [3, 8]),
-    (("backward", 2), ("optimizer", 1), [3, 9]),
+# A failure in every phase of a step, one launch per kind (four attempts):
+# (phase, step, victim rank, resumed step). After the optimizer step the
+# survivors had finished the update: the job resumes at the next step.
+PHASES = [
+    ("forward", 2, 2, 2),
+    ("backward", 4, 2, 4),
+    ("allreduce", 6, 1, 6),
+    ("optimizer", 8, 1, 9),
 ]
+RESUMED = [resumed for _, _, _, resumed in PHASES]
+VICTIMS = [rank for _, _, rank, _ in PHASES]
 
 
-def pair_specs(kind: str, first: tuple[str, int], second: tuple[str, int]) -> list[str]:
+def phase_specs(kind: str) -> list[str]:
     return [
-        "--inject", f"{kind}@step=3,rank={first[1]},phase={first[0]}",
-        "--inject", f"{kind}@step=8,rank={second[1]},phase={second[0]}",
+        "--max-restarts", str(len(PHASES)),
+        *(
+            arg
+            for phase, step, rank, _ in PHASES
+            for arg in ("--inject", f"{kind}@step={step},rank={rank},phase={phase}")
+        ),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("first", "second", "resumed"), PHASE_PAIRS, ids=["fwd+ar", "bwd+opt"])
-def test_kill_in_every_phase_resumes_exactly(
-    tmp_path: Path,
-    example_reference: str,
-    first: tuple[str, int],
-    second: tuple[str, int],
-    resumed: list[int],
-) -> None:
+def test_kill_in_every_phase_resumes_exactly(tmp_path: Path, example_reference: str) -> None:
     """A SIGKILL in each phase of a step (forward, backward, the gradient
     all-reduce, the optimizer step): resumed at the failed step, or the
     next one when the survivors had finished the optimizer step."""
     launch = jitckpt_run(
-        *RESTART,
-        *pair_specs("kill", first, second),
-        *train_args(tmp_path / "run", tmp_path / "digest"),
+        *RESTART, *phase_specs("kill"), *train_args(tmp_path / "run", tmp_path / "digest")
     )
-    check_recovered(tmp_path / "run", tmp_path / "digest", example_reference, resumed, launch)
+    check_recovered(tmp_path / "run", tmp_path / "digest", example_reference, RESUMED, launch)
     # Killed by SIGKILL, the victim wrote nothing; the survivors' copies were used.
     saves = [e for e in read_events(tmp_path / "run") if e["event"] == "save"]
-    for attempt, (_, victim) in enumerate((first, second)):
+    for attempt, victim in enumerate(VICTIMS):
         savers = {e["rank"] for e in saves if e["attempt"] == attempt}
         assert savers and victim not in savers, (attempt, savers)
 
@@ -138,21 +136,14 @@ def test_resume_without_deterministic_mode_continues_the_loss_curve(
     assert_loss_continues(launch.output, default_mode_reference, since=FAIL_STEP, band=0.05)
 
 
-@pytest.mark.parametrize(("first", "second", "resumed"), PHASE_PAIRS, ids=["fwd+ar", "bwd+opt"])
 def test_hang_in_every_phase_is_detected_and_resumes_exactly(
-    tmp_path: Path,
-    example_reference: str,
-    first: tuple[str, int],
-    second: tuple[str, int],
-    resumed: list[int],
+    tmp_path: Path, example_reference: str
 ) -> None:
     run_dir = tmp_path / "run"
-    launch = jitckpt_run(
-        *RESTART, *pair_specs("hang", first, second), *train_args(run_dir, tmp_path / "digest")
-    )
-    check_recovered(run_dir, tmp_path / "digest", example_reference, resumed, launch)
+    launch = jitckpt_run(*RESTART, *phase_specs("hang"), *train_args(run_dir, tmp_path / "digest"))
+    check_recovered(run_dir, tmp_path / "digest", example_reference, RESUMED, launch)
     events = read_events(run_dir)
-    for attempt, (_, victim) in enumerate((first, second)):
+    for attempt, victim in enumerate(VICTIMS):
         hung_at = next(
             e["t"] for e in events if e["event"] == "fault_injected" and e["attempt"] == attempt
         )
