@@ -3,6 +3,7 @@
     python benchmarks/integrations.py               # small models, a few minutes on 2 cores
     python benchmarks/integrations.py --size tiny   # the examples' models (steps of a few ms)
     python benchmarks/integrations.py --quick       # smoke run
+    python benchmarks/integrations.py --aa          # also the noise: two runs without the callback
     python benchmarks/integrations.py --json out.json
 
 What it measures: the wall time of a training step of the Hugging Face
@@ -17,15 +18,18 @@ steps of a few ms, the default on steps of tens of ms.
 
 How: one ``torchrun --standalone`` job of 2 ranks runs this file again with
 --worker. In every round each worker builds a fresh Trainer per mode (with
-and without the callback: the order alternates between rounds, so both
-see the same machine) and trains --steps steps; rank 0 notes the wall
+and without the callback, and with --aa a second one without it: the
+order rotates between rounds, so every arm sees the same machine) and trains --steps steps; rank 0 notes the wall
 clock and its process's CPU time (all threads) at the start of every step
 (a timing callback that is there in both modes), so a step's period covers
 everything up to the next one, the callback's hooks included, and keeps
 the medians of the steps after --warmup. The ratios are taken per round
 (with / without) and summarised by their medians: wall time (the goal's
 measure) and CPU time per step (less sensitive to how the two ranks share
-the cores, so it shows a small fixed cost more clearly).
+the cores, so it shows a small fixed cost more clearly). With --aa the
+second run without the callback against the first gives the same ratios
+for two identical arms: the scatter a 1 % goal has to be read against
+(on this 2-core machine, per-round A/A ratios of 0.98-1.16 were seen).
 """
 
 from __future__ import annotations
@@ -172,21 +176,18 @@ def worker(args: argparse.Namespace) -> None:
         for name in args.frameworks.split(","):
             run = FRAMEWORKS[name]
             for index in range(args.rounds):
-                order = [False, True] if index % 2 == 0 else [True, False]
+                # Arms in a rotating order, so that each sees every position
+                # in a round; --aa adds a second run without the callback.
+                arms = ["bare", "callback", *(["bare2"] if args.aa else [])]
+                shift = index % len(arms)
                 times = {}
-                for with_callback in order:
-                    workdir = Path(tmp) / f"{name}-{index}-{int(with_callback)}"
-                    times[with_callback] = run(
-                        with_callback, args.steps, args.warmup, workdir, args.size
-                    )
+                for arm in arms[shift:] + arms[:shift]:
+                    workdir = Path(tmp) / f"{name}-{index}-{arm}"
+                    times[arm] = run(arm == "callback", args.steps, args.warmup, workdir, args.size)
                 results.setdefault(name, []).append(
-                    {
-                        "bare_s": times[False][0],
-                        "callback_s": times[True][0],
-                        "bare_cpu_s": times[False][1],
-                        "callback_cpu_s": times[True][1],
-                    }
-                )
+                    {key: value for arm, (wall, cpu) in times.items()
+                     for key, value in ((f"{arm}_s", wall), (f"{arm}_cpu_s", cpu))}
+                )  # fmt: skip
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
 
@@ -200,6 +201,12 @@ def main() -> None:
     parser.add_argument("--frameworks", default=None, help="comma-separated (default: installed)")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--aa",
+        action="store_true",
+        help="also run each round a second time without the callback and report that A/A "
+        "ratio: the machine's noise, against which the callback's ratio is read",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.frameworks is None:
@@ -219,6 +226,7 @@ def main() -> None:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         __file__, "--worker", "--rounds", str(args.rounds), "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--frameworks", args.frameworks, "--size", args.size,
+        *(["--aa"] if args.aa else []),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
@@ -231,6 +239,10 @@ def main() -> None:
     for name, rounds in results.items():
         ratios = [r["callback_s"] / r["bare_s"] for r in rounds]
         cpu_ratios = [r["callback_cpu_s"] / r["bare_cpu_s"] for r in rounds]
+        # Two runs without the callback: how far apart identical arms land
+        # on this machine (the noise a ratio must be read against).
+        aa = [r["bare2_s"] / r["bare_s"] for r in rounds if "bare2_s" in r]
+        aa_cpu = [r["bare2_cpu_s"] / r["bare_cpu_s"] for r in rounds if "bare2_s" in r]
         summary[name] = {
             "size": args.size,
             "rounds": rounds,
@@ -238,6 +250,8 @@ def main() -> None:
             "median_cpu_ratio": statistics.median(cpu_ratios),
             "bare_ms": 1e3 * statistics.median(r["bare_s"] for r in rounds),
             "callback_ms": 1e3 * statistics.median(r["callback_s"] for r in rounds),
+            "aa_ratio": statistics.median(aa) if aa else None,
+            "aa_cpu_ratio": statistics.median(aa_cpu) if aa else None,
         }
         print(
             f"{name}: median step {summary[name]['bare_ms']:.2f} ms without the callback, "
@@ -247,6 +261,12 @@ def main() -> None:
             f"(rank 0, all threads): median ratio {summary[name]['median_cpu_ratio']:.4f}, "
             f"ratios {', '.join(f'{r:.3f}' for r in cpu_ratios)}"
         )
+        if aa:
+            print(
+                f"{name}, A/A (a second run without the callback against the first): median "
+                f"ratio {statistics.median(aa):.4f} ({', '.join(f'{r:.3f}' for r in aa)}); CPU "
+                f"{statistics.median(aa_cpu):.4f} ({', '.join(f'{r:.3f}' for r in aa_cpu)})"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 
