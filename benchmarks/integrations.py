@@ -18,8 +18,9 @@ steps of a few ms, the default on steps of tens of ms.
 
 How: one ``torchrun --standalone`` job of 2 ranks runs this file again with
 --worker. In every round each worker builds a fresh Trainer per mode (with
-and without the callback, and with --aa a second one without it: the
-order rotates between rounds, so every arm sees the same machine) and trains --steps steps; rank 0 notes the wall
+and without the callback, and with --aa a second one without it: the order
+rotates between rounds, so every arm sees the same machine) and trains
+--steps steps; rank 0 notes the wall
 clock and its process's CPU time (all threads) at the start of every step
 (a timing callback that is there in both modes), so a step's period covers
 everything up to the next one, the callback's hooks included, and keeps
@@ -29,7 +30,7 @@ measure) and CPU time per step (less sensitive to how the two ranks share
 the cores, so it shows a small fixed cost more clearly). With --aa the
 second run without the callback against the first gives the same ratios
 for two identical arms: the scatter a 1 % goal has to be read against
-(on this 2-core machine, per-round A/A ratios of 0.98-1.16 were seen).
+(on this 2-core machine, per-round A/A ratios of 0.89-1.16 were seen).
 """
 
 from __future__ import annotations
