@@ -1,5 +1,5 @@
 """Who sends what after an in-process recovery re-formed the group
-(jitckpt.inprocess.recovery.plan_transfer). A position is where a rank
+(jitckpt.inprocess.plan.plan_transfer). A position is where a rank
 waits (jitckpt.comm.position): the forward of a step (DDP's buffer
 broadcast) or the reduction of its gradients."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from jitckpt.comm import at_reduce, position, step_of
-from jitckpt.inprocess.recovery import NO_STATE, plan_transfer
+from jitckpt.inprocess.plan import NO_STATE, plan_transfer
 
 
 def reduce(step: int) -> int:

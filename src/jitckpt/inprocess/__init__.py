@@ -2,7 +2,8 @@
 process (a hot spare or a fresh one) takes the dead rank's place.
 
 Owns: the recovery itself (recovery: the notice watcher, re-forming the
-default group, position exchange, state and gradient transfer), the
+default group, position exchange, state and gradient transfer; plan: who
+sends what once the positions are known), the
 graveyard that drops abandoned groups off the training thread, how a spare
 or replacement joins (join), and the process group that never
 communicates (detached). Imports torch, jitckpt.state, jitckpt.comm,

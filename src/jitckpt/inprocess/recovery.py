@@ -39,7 +39,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -47,7 +46,7 @@ import torch.distributed as dist
 
 from jitckpt import attempt, compat, process_exit, protocol
 from jitckpt import events as ev
-from jitckpt.comm import at_reduce, interruptible_all_reduce, step_of
+from jitckpt.comm import interruptible_all_reduce
 from jitckpt.detect import signals
 from jitckpt.events import EventLog
 from jitckpt.inprocess.graveyard import (
@@ -56,6 +55,7 @@ from jitckpt.inprocess.graveyard import (
     quiet_abandoned_loops,
     resource_counts,
 )
+from jitckpt.inprocess.plan import NO_STATE, plan_transfer
 from jitckpt.state import rng
 from jitckpt.state.training import TrainingState, decode
 from jitckpt.tracker import StepTracker
@@ -65,8 +65,6 @@ from jitckpt.tracker import StepTracker
 # should a signal ever not arrive (one cheap check, no blocking store call,
 # so it never sits in one at exit).
 WATCH_FALLBACK_S = 1.0
-# A position meaning "no state at all" (a replacement).
-NO_STATE = -1
 
 
 def placeholder_group() -> dist.ProcessGroup:
@@ -89,76 +87,6 @@ def form_group(generation: int, rank: int, world_size: int) -> None:
     )
     dist.init_process_group(  # type: ignore[call-overload]
         backend, store=store, rank=rank, world_size=world_size, **extra
-    )
-
-
-@dataclass(frozen=True)
-class TransferPlan:
-    """Who sends what after the new group exchanged positions (each rank's
-    position: where it waits, jitckpt.comm.position: the forward of a step
-    (its buffer broadcast) or the reduction of its gradients; NO_STATE for a
-    replacement). The most advanced position is one every rank can reach:
-    the lowest rank at it sends the whole state to each replacement and, to
-    the ranks behind, what they would otherwise wait for from peers that are
-    past it.
-
-    How far behind a healthy rank can be: an all-reduce needs everybody, so
-    at most one reduction (a rank that had not read the last bytes of step
-    s-1's all-reduce when the dead peer's connection reset). DDP's buffer
-    broadcast at forward s does not need everybody: its root (rank 0), and
-    any rank that received its part before the failure, go on to step s's
-    reduction without the others. So when the target is the reduction of
-    step s, a rank at forward s or at step s-1's reduction will reach
-    forward s, where nobody broadcasts any more: it receives the buffers as
-    that broadcast left them (``buffers_to``)."""
-
-    position: int
-    source: int
-    replacements: list[int] = field(default_factory=list)
-    behind: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-
-    @property
-    def gradient_to(self) -> list[int]:
-        """Ranks one reduction behind (step s-1's, the target being step
-        s's forward or reduction): they get the source's last reduced
-        gradient, which is step s-1's."""
-        return [r for r in self.behind if at_reduce(self.positions[r])]
-
-    @property
-    def buffers_to(self) -> list[int]:
-        """Ranks that will reach the forward of the target's step after the
-        others left it (see the class docstring)."""
-        return list(self.behind) if self.at_reduce else []
-
-    @property
-    def step(self) -> int:
-        """The step every rank continues (a replacement redoes it)."""
-        return step_of(self.position)
-
-    @property
-    def at_reduce(self) -> bool:
-        """The survivors are past the step's forward (in its reduction)."""
-        return at_reduce(self.position)
-
-    def role(self, rank: int) -> str:
-        if rank == self.source:
-            return "source"
-        if rank in self.replacements:
-            return "replacement"
-        return "behind" if rank in self.behind else "survivor"
-
-
-def plan_transfer(positions: list[int]) -> TransferPlan:
-    target = max(positions)
-    if target == NO_STATE:
-        raise RuntimeError("in-process recovery: no rank has a state to send")
-    return TransferPlan(
-        position=target,
-        source=positions.index(target),
-        replacements=[r for r, p in enumerate(positions) if p == NO_STATE],
-        behind=[r for r, p in enumerate(positions) if NO_STATE < p < target],
-        positions=list(positions),
     )
 
 
