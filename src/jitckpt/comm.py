@@ -457,12 +457,12 @@ class BufferBroadcast:
         """Receive step ``step``'s broadcast buffers from ``source``, for
         that step's forward."""
         live = self.results.live()
-        copies = [live[n].detach().clone() for n in self.results.names]
-        for group in _by_dtype(copies):
+        received = [torch.empty_like(live[n]) for n in self.results.names]
+        for group in _by_dtype(received):
             flat = _flatten(group)
             dist.recv(flat, source)
             _unflatten(flat, group)
-        self._given = (step, dict(zip(self.results.names, copies, strict=True)))
+        self._given = (step, dict(zip(self.results.names, received, strict=True)))
 
 
 def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

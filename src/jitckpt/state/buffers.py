@@ -63,8 +63,7 @@ class BufferSnapshots:
         step = self._step_in_progress()
         if self.step == step:
             return  # a later micro-batch of gradient accumulation
-        buffers = dict(self._inner.named_buffers())
-        self.values = {name: buffers[name].detach().clone() for name in self.names}
+        self.values = {name: buffer.detach().clone() for name, buffer in self.live().items()}
         self.step = step
 
     def of_step(self, step: int) -> dict[str, torch.Tensor] | None:
@@ -84,6 +83,5 @@ class BufferSnapshots:
         copy is the failure-free run's, None when that does not apply)."""
         if not self.broadcast:
             return None, None
-        if self.step == step:
-            return self.values, True
-        return None, rank == 0
+        values = self.of_step(step)
+        return (values, True) if values is not None else (None, rank == 0)
