@@ -268,10 +268,10 @@ def _launch(  # type: ignore[no-untyped-def]
     entry_args,
     control_dir: Path,
     term_grace_s: float,
-    inprocess: bool = False,
-    spares: int = 0,
-    recovery_timeout_s: float = RECOVERY_DEADLINE_S,
-    exit_wait_s: float = 0.1,
+    inprocess: bool,
+    spares: int,
+    recovery_timeout_s: float,
+    exit_wait_s: float,
     loopback: bool = False,
 ) -> int:
     from torch.distributed.elastic.agent.server.api import WorkerSpec
