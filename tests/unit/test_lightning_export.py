@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, sys.argv[2])
 from train_lightning import Regressor, dataset
 
-from jitckpt.integrations.lightning import JitCheckpointCallback
+from jitckpt.integrations.lightning import JitCheckpointCallback, loop_state
 
 torch.set_num_threads(1)
 root = Path(sys.argv[1])
@@ -49,6 +49,9 @@ class Model(Regressor):
 class Probe(Callback):
     # After JitCheckpointCallback's on_train_batch_end (callbacks run in order).
     def on_train_batch_end(self, trainer, module, *_):
+        # The fast copy of the loops' state is in use, and equal to Lightning's own.
+        assert jit._loop_state is loop_state
+        assert loop_state(trainer.fit_loop) == trainer.fit_loop.state_dict()
         if trainer.global_step == STEP:
             trainer.save_checkpoint(root / "lightning.ckpt")
             tree = {"step": STEP, **jit.ckpt.state.components()}
@@ -124,3 +127,38 @@ def test_the_export_is_what_lightning_saves_at_that_step_and_resumes_from(tmp_pa
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), (
         done.stdout[-3000:] + done.stderr[-5000:]
     )
+
+
+def test_loop_state_asks_a_tracker_it_cannot_read_for_its_own_state() -> None:
+    from dataclasses import dataclass, field
+
+    from lightning.pytorch.loops.loop import _Loop
+    from lightning.pytorch.loops.progress import _BaseProgress, _Progress
+
+    from jitckpt.integrations.lightning import loop_state
+
+    @dataclass
+    class Listed(_BaseProgress):  # a field asdict would convert, not a plain value
+        seen: list = field(default_factory=lambda: [1, 2])
+
+    class Inner(_Loop):
+        def __init__(self) -> None:
+            super().__init__(trainer=None)
+            self.progress = _Progress()
+            self.listed = Listed()
+
+    class Outer(_Loop):
+        def __init__(self) -> None:
+            super().__init__(trainer=None)
+            self.inner = Inner()
+            self.progress = _Progress()
+
+    outer = Outer()
+    outer.progress.increment_ready()
+    outer.inner.progress.increment_completed()
+    state = loop_state(outer)
+    assert state == outer.state_dict()
+    assert list(state) == list(outer.state_dict())  # the same order too
+    assert state["inner.listed"] == {"seen": [1, 2]}
+    outer.inner.listed.seen.append(3)
+    assert state["inner.listed"] == {"seen": [1, 2]}  # a copy, as asdict's

@@ -51,6 +51,7 @@ Validation and Lightning's own checkpoint saves pause hang detection.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import time
@@ -61,6 +62,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loops.loop import _Loop
+from lightning.pytorch.loops.progress import _BaseProgress
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -115,6 +118,7 @@ class JitCheckpointCallback(Callback):
         self._started_at = 0.0
         self._closure_hook: Any = None
         self._other_loops: dict[str, Any] = {}
+        self._loop_state: Any = loop_state
 
     # -- Lightning's hooks ---------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -145,6 +149,10 @@ class JitCheckpointCallback(Callback):
             name: getattr(trainer, name).state_dict()
             for name in ("validate_loop", "test_loop", "predict_loop")
         }
+        if loop_state(trainer.fit_loop) != trainer.fit_loop.state_dict():
+            # Loops unlike the ones loop_state() mirrors (another Lightning):
+            # Lightning's own state_dict(), at its cost, for this fit.
+            self._loop_state = lambda loop: loop.state_dict()
         self._directory = self._export_directory(trainer)
         optimizer = trainer.optimizers[0]
         if not isinstance(optimizer, torch.optim.LBFGS):  # it calls its closure repeatedly
@@ -211,11 +219,10 @@ class JitCheckpointCallback(Callback):
         if step == self._last_step:
             return  # a batch of gradient accumulation: no optimizer step
         # Captured before step_done(): a saver may park the thread there.
-        # ~0.2 ms, most of it the fit loop's own state_dict(); the other
-        # loops do not move during fit (taken once, on_train_start).
+        # The other loops do not move during fit (taken once, on_train_start).
         captured = {
             "epoch": int(trainer.current_epoch),
-            "loops": {"fit_loop": trainer.fit_loop.state_dict(), **self._other_loops},
+            "loops": {"fit_loop": self._loop_state(trainer.fit_loop), **self._other_loops},
             "callbacks": _containers_copied(
                 {cb.state_key: state for cb in trainer.callbacks if (state := cb.state_dict())}
             ),
@@ -336,6 +343,58 @@ def lightning_checkpoint(
             callback.on_save_checkpoint(trainer, model, checkpoint)
     model.on_save_checkpoint(checkpoint)
     return checkpoint
+
+
+def loop_state(
+    loop: Any, destination: dict[str, Any] | None = None, prefix: str = ""
+) -> dict[str, Any]:
+    """``loop.state_dict()`` in a fifth of its time (~30 us instead of
+    ~150 us for the fit loop, taken at every step). The same walk
+    (``_Loop.state_dict``: each loop's ``on_save_checkpoint()``, then its
+    progress trackers and child loops, in attribute order), but a progress
+    tracker's fields are read directly instead of through
+    ``dataclasses.asdict``, which deep-copies every int. The callback checks
+    once per fit that this equals Lightning's own."""
+    if destination is None:
+        destination = {}
+    destination[prefix + "state_dict"] = loop.on_save_checkpoint()
+    for name, value in vars(loop).items():
+        key = prefix + name
+        if isinstance(value, _BaseProgress):
+            fields = (
+                _progress_fields(value) if type(value).state_dict is _PLAIN_STATE_DICT else None
+            )
+            destination[key] = value.state_dict() if fields is None else fields
+        elif isinstance(value, _Loop):
+            loop_state(value, destination, key + ".")
+    return destination
+
+
+_PLAIN_STATE_DICT = _BaseProgress.state_dict
+_ATOMS = (int, float, bool, str, type(None))
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _progress_fields(tracker: Any) -> dict[str, Any] | None:
+    """``dataclasses.asdict(tracker)`` for a dataclass whose fields are
+    plain values or such dataclasses; None for any other (the caller then
+    asks the tracker itself)."""
+    names = _FIELD_NAMES.get(type(tracker))
+    if names is None:
+        names = _FIELD_NAMES[type(tracker)] = tuple(f.name for f in dataclasses.fields(tracker))
+    fields: dict[str, Any] = {}
+    for name in names:
+        value = getattr(tracker, name)
+        if type(value) in _ATOMS:
+            fields[name] = value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            inner = _progress_fields(value)
+            if inner is None:
+                return None
+            fields[name] = inner
+        else:
+            return None
+    return fields
 
 
 def _refusal(trainer: Any, *, again: bool) -> str | None:
