@@ -59,31 +59,42 @@ SIZES = {
 }  # fmt: skip
 
 
+# Rank 0's clocks per step: the key suffix in a round's results, and what it is.
+CLOCKS = {"wall": "_s", "cpu": "_cpu_s", "main_cpu": "_main_cpu_s"}
+CLOCK_TITLES = {
+    "wall": "wall time per step",
+    "cpu": "CPU time per step (all threads)",
+    "main_cpu": "CPU time per step (training thread)",
+}
+
+
 class StepClock:
-    """Rank 0's clock at the start of every step: wall time and this
-    process's CPU time (all threads). A step's period runs from its start to
-    the next one's, so it covers everything between (every callback of
-    every hook, the framework's own work, background threads' CPU)."""
+    """Rank 0's clocks at the start of every step: wall time, this process's
+    CPU time (all threads) and the training thread's own CPU time. A step's
+    period runs from its start to the next one's, so it covers everything
+    between (every callback of every hook, the framework's own work,
+    background threads' CPU)."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, float]] = []
+        self.marks: list[tuple[float, float, float]] = []
 
     def tick(self) -> None:
-        self.marks.append((time.perf_counter(), time.process_time()))
+        self.marks.append((time.perf_counter(), time.process_time(), time.thread_time()))
 
-    def medians(self, warmup: int) -> tuple[float, float]:
-        """(median wall period, median CPU per step) after ``warmup`` steps."""
+    def medians(self, warmup: int) -> tuple[float, float, float]:
+        """Median wall period, CPU and training-thread CPU per step, after
+        ``warmup`` steps."""
         marks = self.marks[warmup:]
         pairs = list(zip(marks[:-1], marks[1:], strict=True))
-        walls = [b[0] - a[0] for a, b in pairs]
-        cpus = [b[1] - a[1] for a, b in pairs]
-        return statistics.median(walls), statistics.median(cpus)
+        return tuple(  # type: ignore[return-value]
+            statistics.median(b[clock] - a[clock] for a, b in pairs) for clock in range(3)
+        )
 
 
 def hf_round(
     with_callback: bool, steps: int, warmup: int, workdir: Path, size: str
-) -> tuple[float, float]:
-    """Median step period and CPU time (s) of one Trainer run, rank 0's view."""
+) -> tuple[float, float, float]:
+    """Median step period and CPU times (s) of one Trainer run, rank 0's view."""
     import torch
     from transformers import (
         GPT2Config,
@@ -130,8 +141,8 @@ def hf_round(
 
 def lightning_round(
     with_callback: bool, steps: int, warmup: int, workdir: Path, size: str
-) -> tuple[float, float]:
-    """Median step period and CPU time (s) of one Lightning fit, rank 0's view."""
+) -> tuple[float, float, float]:
+    """Median step period and CPU times (s) of one Lightning fit, rank 0's view."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import DDPStrategy
@@ -186,8 +197,9 @@ def worker(args: argparse.Namespace) -> None:
                     workdir = Path(tmp) / f"{name}-{index}-{arm}"
                     times[arm] = run(arm == "callback", args.steps, args.warmup, workdir, args.size)
                 results.setdefault(name, []).append(
-                    {key: value for arm, (wall, cpu) in times.items()
-                     for key, value in ((f"{arm}_s", wall), (f"{arm}_cpu_s", cpu))}
+                    {key: value for arm, (wall, cpu, main) in times.items()
+                     for key, value in ((f"{arm}_s", wall), (f"{arm}_cpu_s", cpu),
+                                        (f"{arm}_main_cpu_s", main))}
                 )  # fmt: skip
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
@@ -238,36 +250,39 @@ def main() -> None:
     results = json.loads(lines[-1].removeprefix("RESULT "))
     summary = {}
     for name, rounds in results.items():
-        ratios = [r["callback_s"] / r["bare_s"] for r in rounds]
-        cpu_ratios = [r["callback_cpu_s"] / r["bare_cpu_s"] for r in rounds]
-        # Two runs without the callback: how far apart identical arms land
-        # on this machine (the noise a ratio must be read against).
-        aa = [r["bare2_s"] / r["bare_s"] for r in rounds if "bare2_s" in r]
-        aa_cpu = [r["bare2_cpu_s"] / r["bare_cpu_s"] for r in rounds if "bare2_s" in r]
+        # Per-round ratios of each clock: the callback's run against the one
+        # without it, and (--aa) a second run without it against the first,
+        # how far apart identical arms land on this machine (the noise a
+        # ratio must be read against).
+        ratios = {
+            f"{pair}_{clock}": [r[f"{arm}{suffix}"] / r[f"bare{suffix}"] for r in rounds if f"{arm}_s" in r]
+            for pair, arm in (("callback", "callback"), ("aa", "bare2"))
+            for clock, suffix in CLOCKS.items()
+        }  # fmt: skip
+        medians = {key: statistics.median(values) for key, values in ratios.items() if values}
         summary[name] = {
             "size": args.size,
             "rounds": rounds,
-            "median_ratio": statistics.median(ratios),
-            "median_cpu_ratio": statistics.median(cpu_ratios),
+            "median_ratios": medians,
             "bare_ms": 1e3 * statistics.median(r["bare_s"] for r in rounds),
             "callback_ms": 1e3 * statistics.median(r["callback_s"] for r in rounds),
-            "aa_ratio": statistics.median(aa) if aa else None,
-            "aa_cpu_ratio": statistics.median(aa_cpu) if aa else None,
         }
         print(
             f"{name}: median step {summary[name]['bare_ms']:.2f} ms without the callback, "
-            f"{summary[name]['callback_ms']:.2f} ms with it ({args.size} model); median per-round ratio "
-            f"{summary[name]['median_ratio']:.4f} over {len(rounds)} rounds "
-            f"(goal <= 1.01); ratios {', '.join(f'{r:.3f}' for r in ratios)}; CPU time per step "
-            f"(rank 0, all threads): median ratio {summary[name]['median_cpu_ratio']:.4f}, "
-            f"ratios {', '.join(f'{r:.3f}' for r in cpu_ratios)}"
+            f"{summary[name]['callback_ms']:.2f} ms with it ({args.size} model, {len(rounds)} rounds)"
         )
-        if aa:
-            print(
-                f"{name}, A/A (a second run without the callback against the first): median "
-                f"ratio {statistics.median(aa):.4f} ({', '.join(f'{r:.3f}' for r in aa)}); CPU "
-                f"{statistics.median(aa_cpu):.4f} ({', '.join(f'{r:.3f}' for r in aa_cpu)})"
-            )
+        for pair, label in (
+            ("callback", "with/without the callback"),
+            ("aa", "A/A, without/without"),
+        ):
+            for clock, title in CLOCK_TITLES.items():
+                key = f"{pair}_{clock}"
+                if key in medians:
+                    goal = " (goal <= 1.01)" if key == "callback_wall" else ""
+                    print(
+                        f"  {label}, {title}: median ratio {medians[key]:.4f}{goal}; "
+                        f"rounds {', '.join(f'{r:.3f}' for r in ratios[key])}"
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 
