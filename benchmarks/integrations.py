@@ -59,6 +59,8 @@ SIZES = {
 }  # fmt: skip
 
 
+# Rank 0 prints each round's measurements on a line of its own, so marked.
+ROUND_PREFIX = "ROUND "
 # Rank 0's clocks per step: the key suffix in a round's results, and what it is.
 CLOCKS = {"wall": "_s", "cpu": "_cpu_s", "main_cpu": "_main_cpu_s"}
 CLOCK_TITLES = {
@@ -183,7 +185,6 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="jitckpt-bench-integrations-") as tmp:
         for name in args.frameworks.split(","):
             run = FRAMEWORKS[name]
@@ -196,13 +197,13 @@ def worker(args: argparse.Namespace) -> None:
                 for arm in arms[shift:] + arms[:shift]:
                     workdir = Path(tmp) / f"{name}-{index}-{arm}"
                     times[arm] = run(arm == "callback", args.steps, args.warmup, workdir, args.size)
-                results.setdefault(name, []).append(
-                    {key: value for arm, (wall, cpu, main) in times.items()
-                     for key, value in ((f"{arm}_s", wall), (f"{arm}_cpu_s", cpu),
-                                        (f"{arm}_main_cpu_s", main))}
-                )  # fmt: skip
-    if rank == 0:
-        print("RESULT " + json.dumps(results), flush=True)
+                measured = {
+                    key: value for arm, (wall, cpu, main) in times.items()
+                    for key, value in ((f"{arm}_s", wall), (f"{arm}_cpu_s", cpu),
+                                       (f"{arm}_main_cpu_s", main))
+                }  # fmt: skip
+                if rank == 0:  # each round as it ends: a long run shows progress
+                    print(ROUND_PREFIX + json.dumps({"framework": name, **measured}), flush=True)
 
 
 def main() -> None:
@@ -242,12 +243,30 @@ def main() -> None:
         *(["--aa"] if args.aa else []),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
-        raise SystemExit(f"benchmark job failed (exit {done.returncode})")
-    results = json.loads(lines[-1].removeprefix("RESULT "))
+    results: dict[str, list[dict[str, float]]] = {}
+    total = args.rounds * len(args.frameworks.split(","))
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as job:
+        assert job.stdout is not None and job.stderr is not None
+        for line in job.stdout:
+            if not line.startswith(ROUND_PREFIX):
+                continue
+            measured = json.loads(line.removeprefix(ROUND_PREFIX))
+            name = measured.pop("framework")
+            results.setdefault(name, []).append(measured)
+            done = sum(len(rounds) for rounds in results.values())
+            aa = f", A/A {measured['bare2_s'] / measured['bare_s']:.3f}" if args.aa else ""
+            print(
+                f"[{done}/{total}] {name} round {len(results[name])}: with/without the callback "
+                f"{measured['callback_s'] / measured['bare_s']:.3f}{aa}",
+                file=sys.stderr,
+                flush=True,
+            )
+        errors = job.stderr.read()
+    if job.returncode != 0 or not results:
+        sys.stderr.write(errors[-3000:])
+        raise SystemExit(f"benchmark job failed (exit {job.returncode})")
     summary = {}
     for name, rounds in results.items():
         # Per-round ratios of each clock: the callback's run against the one
