@@ -1,6 +1,6 @@
 """Step-time cost of the framework callbacks, in one command.
 
-    python benchmarks/integrations.py               # small models, a few minutes on 2 cores
+    python benchmarks/integrations.py               # small models, about 10 minutes on 2 cores
     python benchmarks/integrations.py --size tiny   # the examples' models (steps of a few ms)
     python benchmarks/integrations.py --quick       # smoke run
     python benchmarks/integrations.py --aa          # also the noise: two runs without the callback
@@ -11,26 +11,29 @@ Trainer (a GPT-2 built from a config as in examples/train_hf.py, 2 ranks,
 DDP over gloo) with jitckpt's ``JitCheckpointCallback`` and without it, and
 the same for PyTorch Lightning (the MLP of examples/train_lightning.py, wider)
 when lightning is installed. Goal: the callback adds at most 1 % to a step.
-The callback's own work per step is fixed (a step boundary: about 0.1 ms,
-most of it copying numpy's random state; Lightning's loop state adds about
-0.2 ms), so the ratio depends on the step time: --size tiny shows it on
-steps of a few ms, the default on steps of tens of ms.
+The callback's own work per step is fixed: a step boundary on the training
+thread, about 0.04 ms for the Trainer and 0.1 ms for Lightning (whose loop
+state is copied at every boundary), plus two side threads that wake 14 times
+a second (hang watchdog, heartbeat). So the ratio depends on the step time:
+--size tiny shows it on steps of a few ms, the default on steps of tens of
+ms (Lightning, ~45 ms) to hundreds (the Trainer's GPT-2, ~210 ms).
 
 How: one ``torchrun --standalone`` job of 2 ranks runs this file again with
 --worker. In every round each worker builds a fresh Trainer per mode (with
 and without the callback, and with --aa a second one without it: the order
 rotates between rounds, so every arm sees the same machine) and trains
---steps steps; rank 0 notes the wall
-clock and its process's CPU time (all threads) at the start of every step
-(a timing callback that is there in both modes), so a step's period covers
-everything up to the next one, the callback's hooks included, and keeps
-the medians of the steps after --warmup. The ratios are taken per round
-(with / without) and summarised by their medians: wall time (the goal's
-measure) and CPU time per step (less sensitive to how the two ranks share
-the cores, so it shows a small fixed cost more clearly). With --aa the
-second run without the callback against the first gives the same ratios
-for two identical arms: the scatter a 1 % goal has to be read against
-(on this 2-core machine, per-round A/A ratios of 0.89-1.16 were seen).
+--steps steps; rank 0 notes three clocks at the start of every step (a
+timing callback that is there in every arm): the wall clock, its process's
+CPU time (all threads) and the training thread's own CPU time. A step's
+period covers everything up to the next one, the callback's hooks included;
+the medians of the steps after --warmup are kept. The ratios are taken per
+round (with / without) and summarised by their medians: wall time (the
+goal's measure) and the two CPU times (less sensitive to how the two ranks
+share the cores, so they show a small fixed cost more clearly). With --aa
+the second run without the callback against the first gives the same ratios
+for two identical arms: the scatter a 1 % goal has to be read against (on
+this 2-core machine per-round A/A wall ratios of 0.80-1.16 were seen, and
+0.97-1.03 in quiet 10-round runs). Each round is printed as it ends.
 """
 
 from __future__ import annotations
