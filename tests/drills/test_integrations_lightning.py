@@ -13,6 +13,7 @@ import pytest
 import torch
 from jobs import REPO, jitckpt_run, show
 
+from jitckpt.analysis import timeline
 from jitckpt.analysis.summary import summarize
 from jitckpt.events import read_events
 from jitckpt.protocol import EXIT_SAVED_AND_STOPPED
@@ -65,6 +66,12 @@ def test_a_rank_killed_in_backward_is_saved_as_a_lightning_checkpoint_and_resume
     exported = [e for e in events(tmp_path) if e["event"] == "exported"]
     assert [e["step"] for e in exported] == resumed, exported
     assert finished_steps(tmp_path) == {STEPS}, show(launch)
+    # The report sees both attempts train: the steps before the failure kept.
+    attempts = timeline.build(events(tmp_path))["attempts"]
+    assert [(a["start_step"], a["kept_steps"]) for a in attempts] == [
+        (0, resumed[0]),
+        (resumed[0], STEPS - resumed[0]),
+    ], attempts
     # Lightning's own checkpoints stay; the failure's export, stale once
     # training went past it, is gone.
     names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())

@@ -23,8 +23,11 @@ class FrameworkResume:
     kind: str
 
     def announce(self, ctx: RankContext) -> None:
-        """The restore event (and rank 0's line) a jitckpt restore writes."""
+        """The event (and rank 0's line) a jitckpt restore writes: restore,
+        or fresh_start at step 0 (reports take the training loop's start
+        from one or the other)."""
         if self.step <= 0:
+            ctx.events.emit(ev.FRESH_START)
             return
         ctx.events.emit(
             ev.RESTORE,
