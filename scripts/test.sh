@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs the pinned dev requirements, then runs the
-# linters, the type checker and the whole test suite (about 10 minutes on a
+# linters, the type checker and the whole test suite (about 11 minutes on a
 # 2-core machine: tests/unit in under a minute, then tests/drills, real 4-rank jobs
 # on gloo).
 set -euo pipefail
