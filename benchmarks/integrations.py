@@ -32,8 +32,9 @@ goal's measure) and the two CPU times (less sensitive to how the two ranks
 share the cores, so they show a small fixed cost more clearly). With --aa
 the second run without the callback against the first gives the same ratios
 for two identical arms: the scatter a 1 % goal has to be read against (on
-this 2-core machine per-round A/A wall ratios of 0.80-1.16 were seen, and
-0.97-1.03 in quiet 10-round runs). Each round is printed as it ends.
+this 2-core machine per-round A/A wall ratios of 0.80-1.16 were seen while
+other work ran, 0.90-1.08 with nothing else running). Each round is
+printed as it ends.
 """
 
 from __future__ import annotations
