@@ -115,6 +115,12 @@ def test_failure_during_recovery_falls_back_to_restart(
 # alone ten, exceeds it.
 THREAD_MARGIN = 1
 FD_MARGIN = 2
+# The one leftover the design allows (docs/platform.md, "An abandoned
+# receive can wait for the whole group timeout"): a drop blocked in gloo
+# until the group timeout holds its own thread and that group's threads and
+# sockets (+2 threads and +2 fds in the runs where it was seen), nothing more.
+STUCK_DROP_THREADS = 4
+STUCK_DROP_FDS = 4
 
 
 def test_repeated_recoveries_give_back_threads_and_fds(
@@ -125,7 +131,9 @@ def test_repeated_recoveries_give_back_threads_and_fds(
     one hot spare: every process that finishes has, once its graveyard is
     empty, the threads and fds it had before (its `resources` event two
     steps after it started), within the margin; everything kept was
-    released, and each release is logged with how long it was held."""
+    released, and each release is logged with how long it was held. The one
+    exception is the documented one: on at most one process, one drop still
+    blocked in an abandoned gloo receive, holding only its own resources."""
     phases = ("forward", "backward", "allreduce")
     kills = [(3 + 2 * i, 1 + i % 3, phases[i % 3]) for i in range(4)]
     assert kills[-1][0] + 3 <= STEPS  # steps after the last one: its graveyard empties
@@ -150,15 +158,23 @@ def test_repeated_recoveries_give_back_threads_and_fds(
             f"{base['rss_kb']} -> {finish['rss_kb']} KiB"
         )
     print("\n".join(lines))
+    stuck = [finish for finish in finishes if finish["graveyard_left"]]
+    # At most one process, with one drop blocked in an abandoned receive
+    # (seen in about 1 full run in 5): everything else must be given back.
+    assert len(stuck) <= 1 and all(f["graveyard_left"] == 1 for f in stuck), stuck
     for finish in finishes:
         base = baselines[finish["pid"]]
-        assert finish["graveyard_left"] == 0, finish
-        assert abs(finish["threads"] - base["threads"]) <= THREAD_MARGIN, lines
-        assert abs(finish["fds"] - base["fds"]) <= FD_MARGIN, lines
+        extra_threads, extra_fds = (
+            (STUCK_DROP_THREADS, STUCK_DROP_FDS) if finish["graveyard_left"] else (0, 0)
+        )
+        assert abs(finish["threads"] - base["threads"]) <= THREAD_MARGIN + extra_threads, lines
+        assert abs(finish["fds"] - base["fds"]) <= FD_MARGIN + extra_fds, lines
     # Rank 0 lived through all of them: each recovery kept its old group and
     # its abandoned all-reduce, and each was dropped about RELEASE_DELAY_S later.
     released = [e for e in events if e["event"] == "inproc_released" and e["rank"] == 0]
-    assert len([e for e in released if e["what"] == "ProcessGroup"]) == len(kills), released
+    blocked = sum(f["graveyard_left"] for f in stuck if f["rank"] == 0)  # a group's drop
+    groups = [e for e in released if e["what"] == "ProcessGroup"]
+    assert len(groups) == len(kills) - blocked, released
     print(
         f"rank 0 released {len(released)} items, held {max(e['held_s'] for e in released):.2f} s at most"
     )
