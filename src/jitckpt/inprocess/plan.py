@@ -48,7 +48,8 @@ class TransferPlan:
 
     @property
     def behind(self) -> list[int]:
-        return [r for r, p in enumerate(self.positions) if NO_STATE < p < self.position]
+        target = self.position  # a max over every rank: once, not per rank
+        return [r for r, p in enumerate(self.positions) if NO_STATE < p < target]
 
     @property
     def gradient_to(self) -> list[int]:
