@@ -40,6 +40,7 @@ printed as it ends.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -65,7 +66,8 @@ SIZES = {
 
 # Rank 0 prints each round's measurements on a line of its own, so marked.
 ROUND_PREFIX = "ROUND "
-# Rank 0's clocks per step: the key suffix in a round's results, and what it is.
+# Rank 0's clocks per step, in StepClock.tick's order: the key suffix in a
+# round's results, and what it is.
 CLOCKS = {"wall": "_s", "cpu": "_cpu_s", "main_cpu": "_main_cpu_s"}
 CLOCK_TITLES = {
     "wall": "wall time per step",
@@ -93,7 +95,7 @@ class StepClock:
         marks = self.marks[warmup:]
         pairs = list(zip(marks[:-1], marks[1:], strict=True))
         return tuple(  # type: ignore[return-value]
-            statistics.median(b[clock] - a[clock] for a, b in pairs) for clock in range(3)
+            statistics.median(b[clock] - a[clock] for a, b in pairs) for clock in range(len(CLOCKS))
         )
 
 
@@ -202,9 +204,8 @@ def worker(args: argparse.Namespace) -> None:
                     workdir = Path(tmp) / f"{name}-{index}-{arm}"
                     times[arm] = run(arm == "callback", args.steps, args.warmup, workdir, args.size)
                 measured = {
-                    key: value for arm, (wall, cpu, main) in times.items()
-                    for key, value in ((f"{arm}_s", wall), (f"{arm}_cpu_s", cpu),
-                                       (f"{arm}_main_cpu_s", main))
+                    f"{arm}{suffix}": value for arm, clocks in times.items()
+                    for suffix, value in zip(CLOCKS.values(), clocks, strict=True)
                 }  # fmt: skip
                 if rank == 0:  # each round as it ends: a long run shows progress
                     print(ROUND_PREFIX + json.dumps({"framework": name, **measured}), flush=True)
@@ -249,12 +250,16 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results: dict[str, list[dict[str, float]]] = {}
     total = args.rounds * len(args.frameworks.split(","))
+    # One pipe for both streams: reading stdout alone while the frameworks'
+    # warnings filled an unread stderr pipe would stall the job.
+    others: collections.deque[str] = collections.deque(maxlen=60)
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as job:
-        assert job.stdout is not None and job.stderr is not None
+        assert job.stdout is not None
         for line in job.stdout:
             if not line.startswith(ROUND_PREFIX):
+                others.append(line)
                 continue
             measured = json.loads(line.removeprefix(ROUND_PREFIX))
             name = measured.pop("framework")
@@ -267,9 +272,8 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        errors = job.stderr.read()
     if job.returncode != 0 or not results:
-        sys.stderr.write(errors[-3000:])
+        sys.stderr.write("".join(others))
         raise SystemExit(f"benchmark job failed (exit {job.returncode})")
     summary = {}
     for name, rounds in results.items():
